@@ -1,0 +1,26 @@
+"""`pemma info` numbers come from the real model."""
+
+from __future__ import annotations
+
+import json
+
+from pemma_core.cli import main
+from pemma_core.model import ModelSpec, build_model, count_parameters
+
+
+def test_info_json_matches_the_model(capsys):
+    assert main(["info", "--backbone", "unetr", "--adapter", "dora", "--preset", "tiny", "--rank", "4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = build_model(ModelSpec(backbone="unetr", adapter="dora", preset="tiny", rank=4))
+    total, trainable = count_parameters(model)
+    assert info["total_params"] == total and info["trainable_params"] == trainable
+    assert info["adapter_bytes_fp32"] == 4 * trainable and info["adapter_bytes_fp16"] == 2 * trainable
+    assert info["full_model_bytes_fp32"] == 4 * total
+    assert abs(info["trainable_fraction"] - trainable / total) < 1e-12
+    assert sum(info["groups"].values()) == trainable
+    assert set(info["groups"]) == {"shared", "ct", "pet", "fusion"}
+
+
+def test_info_rejects_unknown_preset(capsys):
+    assert main(["info", "--preset", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().out

@@ -1,0 +1,160 @@
+"""PEMMA model core: equivalence at init, frozen backbone, modes, construction errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pemma_core.model import MODE_GROUPS, ModelSpec, build_backbone, build_model, count_parameters
+from pemma_core.train import train_local
+
+ALL_MODES = ("ct", "pet", "ctpet")
+
+
+def _image(spec: ModelSpec, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, *spec.roi_size, generator=g)
+
+
+def _label(spec: ModelSpec, batch: int = 1) -> torch.Tensor:
+    label = torch.zeros(batch, 1, *spec.roi_size)
+    s = spec.roi_size[0]
+    label[..., s // 4 : s // 2, s // 4 : s // 2, s // 4 : s // 2] = 1
+    return label
+
+
+@pytest.fixture(scope="module", params=["unetr", "swin-unetr"])
+def backbone_and_spec(request):
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone=request.param)
+    backbone = build_backbone(spec).eval()
+    # A trained CT backbone has non-trivial weights everywhere; random init is enough here.
+    return backbone, spec
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_ct_and_ctpet_modes_equal_backbone_at_init(backbone_and_spec, adapter):
+    backbone, spec = backbone_and_spec
+    model = build_model(spec.with_(adapter=adapter), backbone).eval()
+    image = _image(spec)
+    with torch.no_grad():
+        reference = backbone(image[:, :1])
+        torch.testing.assert_close(model(image, "ct"), reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(image, "ctpet"), reference, rtol=0, atol=1e-5)
+        # PET does change the output once the PET path is used alone.
+        assert not torch.allclose(model(image, "pet"), reference, atol=1e-3)
+
+
+def test_backbone_is_not_modified_and_frozen_tensors_are_bit_identical_after_training(backbone_and_spec):
+    backbone, spec = backbone_and_spec
+    before_backbone = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = build_model(spec, backbone)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen_before and trainable_before
+    batches = [{"image": _image(spec, seed=s), "label": _label(spec)} for s in range(2)]
+    train_local(model, batches, ALL_MODES, steps=3, lr=1e-2, mode_weights={"ctpet": 1, "ct": 1, "pet": 1})
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[name]), f"frozen tensor {name} changed"
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable_before[n])]
+    assert changed, "training changed no trainable tensor"
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(tensor, before_backbone[name]), f"the caller's backbone tensor {name} changed"
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_all_modes_run_forward_and_backward(backbone_and_spec, adapter):
+    backbone, spec = backbone_and_spec
+    model = build_model(spec.with_(adapter=adapter), backbone).train()
+    image = _image(spec)
+    for mode in ALL_MODES:
+        model.zero_grad(set_to_none=True)
+        out = model(image, mode)
+        assert out.shape == (1, spec.out_channels, *spec.roi_size)
+        out.square().mean().backward()
+        grads = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert grads, f"no gradient reached a trainable tensor in mode {mode}"
+        assert all(model.param_groups[n] in {"shared", "ct", "pet", "fusion"} for n in grads)
+
+
+def test_mode_trains_only_its_groups():
+    spec = ModelSpec()
+    model = build_model(spec)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train_local(model, [{"image": _image(spec), "label": _label(spec)}], ["ct"], steps=3, lr=1e-2)
+    assert set(result.examples) == MODE_GROUPS["ct"] == {"shared", "ct"}
+    for name, group in model.param_groups.items():
+        moved = not torch.equal(dict(model.named_parameters())[name], before[name])
+        if group not in MODE_GROUPS["ct"]:
+            assert not moved, f"{name} ({group}) changed in a CT-only step"
+
+
+def test_groups_tag_every_trainable_tensor_and_parts_exist():
+    model = build_model(ModelSpec())
+    groups = model.param_groups
+    total, trainable = count_parameters(model)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in groups) == trainable < total
+    assert set(groups.values()) == {"shared", "ct", "pet", "fusion"}
+    assert any("pet_block" in n for n, g in groups.items() if g == "pet")
+    assert any("pet_conv" in n for n, g in groups.items() if g == "pet")
+    assert all("lora_" in n for n, g in groups.items() if g == "shared")
+
+
+@pytest.mark.parametrize(
+    "kind, modes", [("ct-only", ("ct",)), ("pet-only", ("pet",)), ("early-fusion", ("ctpet",))]
+)
+def test_baselines_train_everything_from_ct_weights(kind, modes):
+    spec = ModelSpec(kind=kind)
+    backbone = build_backbone(spec).eval()
+    model = build_model(spec, backbone).eval()
+    total, trainable = count_parameters(model)
+    assert total == trainable
+    assert model.modes == modes
+    image = _image(spec)
+    if kind != "pet-only":  # starts as the CT model (early fusion's PET weights are zero)
+        with torch.no_grad():
+            torch.testing.assert_close(model(image, modes[0]), backbone(image[:, :1]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="runs modes"):
+        model(image, "ct" if modes != ("ct",) else "pet")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"backbone": "vnet"}, "unknown backbone 'vnet'"),
+        ({"adapter": "ia3"}, "unknown adapter 'ia3'"),
+        ({"targets": ("qkv", "conv9")}, r"unknown target module\(s\) \['conv9'\]"),
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"dropout": 1.5}, "dropout must be in"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(**changes)
+
+
+def test_wrong_input_shapes_get_clear_errors():
+    spec = ModelSpec()
+    model = build_model(spec)
+    with pytest.raises(ValueError, match=r"expected image \[B, 2, X, Y, Z\]"):
+        model(torch.zeros(1, 1, *spec.roi_size), "ct")
+    with pytest.raises(ValueError, match="UNETR expects spatial size"):
+        model(torch.zeros(1, 2, 48, 32, 32), "ct")
+    with pytest.raises(ValueError, match="unknown mode"):
+        model(torch.zeros(1, 2, *spec.roi_size), "mri")
+
+
+def test_input_size_not_divisible_by_patch_is_refused(monkeypatch):
+    from pemma_core import model as model_module
+
+    monkeypatch.setitem(model_module.PRESETS["unetr"], "odd", dict(model_module.PRESETS["unetr"]["tiny"], img_size=40))
+    with pytest.raises(ValueError, match="not divisible by 16"):
+        build_backbone(ModelSpec(preset="odd"))
+
+
+def test_pemma_refuses_a_multichannel_backbone():
+    spec = ModelSpec()
+    with pytest.raises(ValueError, match="1-channel CT backbone"):
+        build_model(spec, build_backbone(spec, in_channels=2))
