@@ -101,6 +101,9 @@ class ModelSpec:
     out_channels: int = 2
     bottleneck: int = 16  # width of the single-mode adapters and of the fusion projection
     pet_embed: str = "lowrank"  # "lowrank" (delta of rank `rank` on the CT conv) or "full" copy
+    survival: bool = False  # add a Cox risk head on the pooled encoder tokens (group prognosis)
+    ehr_features: int = 0  # width of the preprocessed EHR vector; > 0 adds the EHR encoder (group ehr)
+    ehr_embedding: int = 8
 
     def __post_init__(self) -> None:
         _choice("backbone", self.backbone, BACKBONES)
@@ -115,6 +118,10 @@ class ModelSpec:
         for name in ("rank", "alpha", "out_channels", "bottleneck"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.ehr_features < 0:
+            raise ValueError(f"ehr_features must be >= 0, got {self.ehr_features}")
+        if self.ehr_features and not self.survival:
+            raise ValueError("ehr_features needs survival=True: the EHR branch feeds the survival head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
@@ -362,7 +369,14 @@ class PemmaModel(SegmentationModel):
         self.net = inject_adapter_in_model(lora, net)
         for name, p in self.net.named_parameters():
             p.requires_grad_(_pemma_group(name) is not None)
-        self._groups = {n: g for n, p in self.named_parameters() if p.requires_grad and (g := _pemma_group(n))}
+        if spec.survival:
+            from pemma_core.survival import EhrEncoder, SurvivalHead
+
+            ehr_width = spec.ehr_embedding if spec.ehr_features else 0
+            self.survival_head = SurvivalHead(self.feature_width, ehr_features=ehr_width)
+            if spec.ehr_features:
+                self.ehr_encoder = EhrEncoder(spec.ehr_features, spec.ehr_embedding)
+        self._groups = {n: g for n, p in self.named_parameters() if (g := _pemma_group(n.removeprefix("net.")))}
         if not any(g == "shared" for g in self._groups.values()):
             raise ValueError(f"targets {spec.targets} matched no attention module in {spec.backbone}")
 
@@ -379,9 +393,39 @@ class PemmaModel(SegmentationModel):
         self._state.mode = mode
         return self.net(image)
 
+    @property
+    def feature_width(self) -> int:
+        if self.spec.backbone == "unetr":
+            return int(self.net.hidden_size)
+        return 16 * int(PRESETS["swin-unetr"][self.spec.preset]["feature_size"])
+
+    def encode(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pooled transformer tokens of ``mode``: ``[B, 2, S, S, S] -> [B, feature_width]``."""
+        self.check_mode(mode)
+        _check_image(image, self.roi_size, self.spec.backbone)
+        self._state.mode = mode
+        if self.spec.backbone == "unetr":
+            tokens, _ = self.net.vit(image)  # [B, N, hidden]
+            return tokens.mean(dim=1)
+        deepest = self.net.swinViT(image, self.net.normalize)[-1]  # [B, 16 * feature, s, s, s]
+        return deepest.flatten(2).mean(dim=2)
+
+    def risk(self, image: torch.Tensor, mode: str, ehr: torch.Tensor | None = None) -> torch.Tensor:
+        """Cox log relative hazard ``[B]`` from the image in ``mode`` (and EHR covariates)."""
+        if not self.spec.survival:
+            raise ValueError("this model has no survival head (build it with survival=True)")
+        if self.spec.ehr_features and ehr is None:
+            raise ValueError(f"this model's survival head needs EHR covariates [B, {self.spec.ehr_features}]")
+        embedding = self.ehr_encoder(ehr) if self.spec.ehr_features else None
+        return self.survival_head(self.encode(image, mode), embedding)
+
 
 def _pemma_group(name: str) -> str | None:
     """Group of a PEMMA tensor by its name, or None for a frozen backbone tensor."""
+    if name.startswith("survival_head."):
+        return "prognosis"
+    if name.startswith("ehr_encoder."):
+        return "ehr"
     if "lora_" in name and ".pet_conv." not in name:
         return "shared"
     rules = (
