@@ -1,0 +1,1 @@
+"""Whole federations on one machine (simulation engine, demos, benchmarks)."""
