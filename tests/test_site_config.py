@@ -1,0 +1,217 @@
+"""Site YAML loading: schema, defaults, paths, env vars, and every kind of bad key."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from pemma_core.site import (
+    DEFAULT_CT_WINDOW,
+    DEFAULT_PET_SUV_MAX,
+    DEFAULT_SPACING,
+    ClinicalSpec,
+    SiteConfigError,
+    expand_env,
+    load_site_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IBSI_SITES = REPO / "sites" / "ibsi"
+
+MINIMAL = "name: s\ndata_root: data\nmodalities: [ct, pet]\nmanifest: m.csv\n"
+
+
+def write_yaml(folder: Path, text: str) -> Path:
+    path = folder / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_yaml_gets_documented_defaults(tmp_path: Path) -> None:
+    cfg = load_site_config(write_yaml(tmp_path, MINIMAL))
+    assert cfg.name == "s"
+    assert cfg.path == (tmp_path / "site.yaml").resolve()
+    assert cfg.data_root == (tmp_path / "data").resolve()  # relative to the YAML's folder
+    assert cfg.manifest == (tmp_path / "m.csv").resolve()
+    assert cfg.modalities == ("ct", "pet")
+    assert cfg.modes == ("ct", "pet", "ctpet")  # servable_modes
+    assert cfg.clinical is None
+    assert cfg.spacing == DEFAULT_SPACING
+    assert cfg.patch_size is None
+    assert cfg.cache_dir == (tmp_path / "cache" / "s").resolve()
+    assert cfg.device == "cpu"
+    assert cfg.on_bad_case == "skip"
+    assert cfg.ct_window == DEFAULT_CT_WINDOW
+    assert cfg.pet_suv_max == DEFAULT_PET_SUV_MAX
+
+
+def test_full_yaml(tmp_path: Path) -> None:
+    text = (
+        "name: full\ndata_root: /abs/data\nmodalities: [ehr, ct]\nmodes: [ct]\nmanifest: sub/m.csv\n"
+        "clinical:\n  path: c.csv\n  id_column: pid\n  time: os_months\n  event: died\n"
+        "  covariates: {age: numeric, grade: categorical}\n"
+        "spacing: 3\npatch_size: [32, 32, 16]\ncache_dir: /tmp/x\ndevice: cuda:1\non_bad_case: fail\n"
+        "ct_window: [-100, 200]\npet_suv_max: 15\n"
+    )
+    cfg = load_site_config(write_yaml(tmp_path, text))
+    assert cfg.data_root == Path("/abs/data")
+    assert cfg.modalities == ("ct", "ehr")  # canonical order
+    assert cfg.modes == ("ct",)
+    assert cfg.manifest == (tmp_path / "sub" / "m.csv").resolve()
+    assert cfg.clinical == ClinicalSpec(
+        path=(tmp_path / "c.csv").resolve(),
+        id_column="pid",
+        time="os_months",
+        event="died",
+        covariates={"age": "numeric", "grade": "categorical"},
+    )
+    assert list(cfg.clinical.covariates) == ["age", "grade"]
+    assert cfg.spacing == (3.0, 3.0, 3.0)
+    assert cfg.patch_size == (32, 32, 16)
+    assert cfg.device == "cuda:1" and cfg.on_bad_case == "fail"
+    assert cfg.ct_window == (-100.0, 200.0) and cfg.pet_suv_max == 15.0
+    assert cfg.has_ct and cfg.has_ehr and not cfg.has_pet
+
+
+def test_clinical_without_survival(tmp_path: Path) -> None:
+    cfg = load_site_config(write_yaml(tmp_path, MINIMAL + "clinical: {path: c.csv, time: null, event: null}\n"))
+    assert cfg.clinical.time is None and cfg.clinical.event is None
+    shorthand = load_site_config(write_yaml(tmp_path, MINIMAL + "clinical: c.csv\n"))
+    assert shorthand.clinical == ClinicalSpec(path=(tmp_path / "c.csv").resolve())
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ("spacng: [1, 1, 1]\n", "spacng", "did you mean 'spacing'"),
+        ("spacing: 2mm\n", "spacing", "3 positive numbers"),
+        ("spacing: [1, 1]\n", "spacing", "3 positive numbers"),
+        ("spacing: [1, -1, 1]\n", "spacing", "3 positive numbers"),
+        ("patch_size: [32, 32.5, 32]\n", "patch_size", "positive integers"),
+        ("on_bad_case: ignore\n", "on_bad_case", "skip"),
+        ("device: gpu\n", "device", "cuda"),
+        ("ct_window: [300, -200]\n", "ct_window", "low < high"),
+        ("ct_window: -200\n", "ct_window", "low < high"),
+        ("pet_suv_max: 0\n", "pet_suv_max", "positive number"),
+        ("pet_suv_max: high\n", "pet_suv_max", "positive number"),
+        ("modes: [ctpet, mri]\n", "modes", "ct"),
+        ("clinical: {path: c.csv, covariates: {age: number}}\n", "clinical.covariates.age", "numeric"),
+        ("clinical: {path: c.csv, tme: t}\n", "clinical.tme", "did you mean 'time'"),
+        ("clinical: {id_column: pid}\n", "clinical.path", "required"),
+        ("clinical: {path: c.csv, time: null}\n", "clinical.time", "both"),
+        ("clinical: {path: c.csv, covariates: {time: numeric}}\n", "clinical.covariates", "clash"),
+        ("clinical: [c.csv]\n", "clinical", "mapping"),
+    ],
+)
+def test_bad_keys_name_key_and_expectation(tmp_path: Path, extra: str, key: str, expected: str) -> None:
+    with pytest.raises(SiteConfigError) as error:
+        load_site_config(write_yaml(tmp_path, MINIMAL + extra))
+    message = str(error.value)
+    assert key in message and expected in message
+    assert str(tmp_path / "site.yaml") in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: s\ndata_root: d\nmodalities: [ct]\n", "missing required key(s) ['manifest']"),
+        ("name: s\ndata_root: d\nmodalities: [mri]\nmanifest: m.csv\n", "'modalities'"),
+        ("name: s\ndata_root: d\nmodalities: [ehr]\nmanifest: m.csv\n", "at least one image modality"),
+        ("name: s\ndata_root: d\nmodalities: [ct, ct]\nmanifest: m.csv\n", "without repeats"),
+        ("name: s\ndata_root: d\nmodalities: [ct]\nmodes: [ctpet]\nmanifest: m.csv\n", "need modalities"),
+        ("name: s\ndata_root: d\nmodalities: [ct, ehr]\nmanifest: m.csv\n", "'ehr' needs a clinical table"),
+        ("name: ''\ndata_root: d\nmodalities: [ct]\nmanifest: m.csv\n", "'name'"),
+        ("name: s\ndata_root: 3\nmodalities: [ct]\nmanifest: m.csv\n", "'data_root'"),
+        ("- just\n- a list\n", "mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_files(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(SiteConfigError, match=None) as error:
+        load_site_config(write_yaml(tmp_path, text))
+    assert expected in str(error.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError, match="not found"):
+        load_site_config(tmp_path / "absent.yaml")
+
+
+def test_expand_env() -> None:
+    env = {"A": "/x", "EMPTY": ""}
+    assert expand_env("$A/y", env) == "/x/y"
+    assert expand_env("${A}/y", env) == "/x/y"
+    assert expand_env("${B:-../d}/y", env) == "../d/y"
+    assert expand_env("${EMPTY:-fallback}", env) == "fallback"
+    assert expand_env("no vars", env) == "no vars"
+    with pytest.raises(KeyError):
+        expand_env("$B/y", env)
+
+
+def test_env_var_in_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "name: s\ndata_root: ${MY_ROOT:-rel}\nmodalities: [ct]\nmanifest: $MY_DIR/m.csv\n"
+    path = write_yaml(tmp_path, text)
+    monkeypatch.delenv("MY_ROOT", raising=False)
+    monkeypatch.delenv("MY_DIR", raising=False)
+    with pytest.raises(SiteConfigError, match=r"'manifest'.*\$MY_DIR is not set"):
+        load_site_config(path)
+    monkeypatch.setenv("MY_DIR", str(tmp_path / "lists"))
+    cfg = load_site_config(path)
+    assert cfg.data_root == (tmp_path / "rel").resolve()
+    assert cfg.manifest == tmp_path / "lists" / "m.csv"
+    monkeypatch.setenv("MY_ROOT", "/elsewhere/data")
+    assert load_site_config(path).data_root == Path("/elsewhere/data")
+
+
+# --------------------------------------------------------------------------- shipped IBSI sites
+
+
+def test_ibsi_yamls_load_and_point_at_the_shared_data(ibsi_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PEMMA_IBSI_ROOT", raising=False)
+    monkeypatch.delenv("PEMMA_CACHE_DIR", raising=False)
+    expected = {
+        "site-a": ("ct",),
+        "site-b": ("ct", "pet"),
+        "site-c": ("ct", "pet"),
+        "test": ("ct", "pet"),
+    }
+    for stem, modalities in expected.items():
+        cfg = load_site_config(IBSI_SITES / f"{stem}.yaml")
+        assert cfg.modalities == modalities
+        assert cfg.data_root == (REPO.parent / "shared" / "data" / "ibsi-sts").resolve()
+        assert cfg.manifest.is_file()
+        assert cfg.cache_dir == (REPO / "cache" / f"ibsi-{stem}").resolve()  # the repo's ignored cache/
+        assert cfg.clinical is None
+    monkeypatch.setenv("PEMMA_IBSI_ROOT", str(ibsi_root))
+    monkeypatch.setenv("PEMMA_CACHE_DIR", "/tmp/pemma-cache")
+    cfg = load_site_config(IBSI_SITES / "site-a.yaml")
+    assert cfg.data_root == ibsi_root
+    assert cfg.cache_dir == Path("/tmp/pemma-cache/ibsi-site-a")
+
+
+def test_ibsi_manifests_follow_the_shared_split(ibsi_root: Path) -> None:
+    with (ibsi_root / "manifest.csv").open() as stream:
+        shared = list(csv.DictReader(stream))
+    for stem in ("site-a", "site-b", "site-c", "test"):
+        with (IBSI_SITES / f"{stem}-manifest.csv").open() as stream:
+            rows = list(csv.DictReader(stream))
+        wanted = [r for r in shared if (r["site"] == stem if stem != "test" else r["split"] == "test")]
+        assert [r["case_id"] for r in rows] == [r["case_id"] for r in wanted]
+        for row, source in zip(rows, wanted):
+            case = row["case_id"]
+            assert row["split"] == source["split"]
+            assert row["ct"] == f"{case}/CT_image.nii.gz"  # original IBSI names, read in place
+            assert row["label"] == f"{case}/CT_mask.nii.gz"
+            assert row["pet"] == ("" if stem == "site-a" else f"{case}/PET_image.nii.gz")
+            assert (ibsi_root / row["ct"]).is_file()
+    assert len(shared) == 36
+
+
+def test_phantom_site_yamls_load(phantom_federation) -> None:
+    for path in (*phantom_federation.site_yamls, phantom_federation.test_yaml):
+        cfg = load_site_config(path)
+        assert cfg.modalities == phantom_federation.modalities[cfg.name]
+        assert cfg.clinical is not None and cfg.clinical.path.is_file()
+        assert bool(cfg.clinical.covariates) == ("ehr" in cfg.modalities)
