@@ -107,3 +107,90 @@ def evaluate_survival(model: PemmaModel, cohort: Cohort, mode: str) -> float:
     """Harrell's C-index of the model's risk on ``cohort`` in ``mode``."""
     risk = predict_risk(model, cohort, mode)
     return concordance(risk, cohort.time, cohort.event)
+
+
+# ------------------------------------------------------------------ cohorts from site data
+
+
+def crop_around_tumour(image: torch.Tensor, label: torch.Tensor | None, roi_size: tuple[int, int, int]) -> torch.Tensor:
+    """``[C, X, Y, Z]`` -> ``[C, *roi_size]`` centred on the label's centroid (the volume's
+    centre when there is no label or it is empty), zero-padded where the volume is smaller."""
+    from monai.transforms import SpatialCrop, SpatialPad
+
+    if label is not None and label.sum() > 0:
+        center = [int(round(float(c))) for c in torch.nonzero(label[0] > 0).float().mean(dim=0)]
+    else:
+        center = [s // 2 for s in image.shape[1:]]
+    cropped = SpatialCrop(roi_center=center, roi_size=roi_size)(image)
+    return torch.as_tensor(SpatialPad(spatial_size=roi_size)(cropped))
+
+
+def load_cohort(cfg, roi_size: tuple[int, int, int], split: str = "train", preprocessor=None) -> tuple[Cohort, list[str]]:
+    """A site's survival cohort: tumour-centred crops of its ``split`` cases joined with the
+    time/event of its clinical CSV (and, with ``preprocessor``, its EHR covariates).
+
+    Cases without a usable clinical row are left out (``read_clinical`` reports them).
+    Returns the cohort and its case ids (which stay at the site).
+    """
+    from pemma_core.clinical import read_clinical
+    from pemma_core.data import eval_loader
+
+    if cfg.clinical is None:
+        raise ValueError(f"site {cfg.name} ({cfg.path}) has no clinical CSV: no survival labels")
+    table, _problems = read_clinical(
+        cfg.clinical.path, cfg.clinical.id_column, cfg.clinical.time, cfg.clinical.event,
+        cfg.clinical.covariates, on_bad_case=cfg.on_bad_case,
+    )
+    images, ids = [], []
+    for batch in eval_loader(cfg, split):
+        case_id = str(batch["case_id"][0])
+        if case_id in table.index:
+            images.append(crop_around_tumour(batch["image"][0], batch["label"][0], roi_size))
+            ids.append(case_id)
+    if not ids:
+        raise ValueError(f"site {cfg.name}: no {split} case has a clinical row in {cfg.clinical.path}")
+    rows = table.loc[ids]
+    ehr = torch.as_tensor(preprocessor.transform(rows)) if preprocessor is not None else None
+    cohort = Cohort(
+        image=torch.stack(images).float(),
+        time=torch.as_tensor(rows["time"].astype(float).to_numpy(), dtype=torch.float32),
+        event=torch.as_tensor(rows["event"].astype(float).to_numpy(), dtype=torch.float32),
+        ehr=ehr,
+    )
+    return cohort, ids
+
+
+def federated_survival(
+    model: PemmaModel,
+    cohorts: dict[str, Cohort],
+    modes: dict[str, list[str]],
+    rounds: int,
+    local_steps: int = 1,
+    lr: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """Train the survival head (and EHR encoder) over sites with the per-group averaging of
+    :func:`pemma_core.aggregate.aggregate_adapters`, weights = each site's event count.
+
+    The same maths as a Flower run, without the transport: what each site sends is its
+    head (and EHR encoder) tensors; the model ends holding the global result.
+    """
+    import numpy as np
+
+    from pemma_core.adapters import load_trainable_state, trainable_state
+    from pemma_core.aggregate import SiteUpdate, aggregate_adapters
+
+    groups = model.param_groups
+    head_groups = {"prognosis", "ehr"}
+    global_state = {n: t.numpy() for n, t in trainable_state(model).items() if groups[n] in head_groups}
+    for _ in range(rounds):
+        updates = []
+        for site, cohort in cohorts.items():
+            load_trainable_state(model, {n: torch.from_numpy(a.copy()) for n, a in global_state.items()}, partial=True)
+            result = train_survival(model, cohort, modes[site], steps=local_steps, lr=lr)
+            sent = {n: t.numpy() for n, t in trainable_state(model).items() if groups[n] in result.examples}
+            weight = max(1, int(cohort.event.sum()))
+            updates.append(SiteUpdate(site=site, tensors=sent, examples={g: weight for g in result.examples}))
+        global_state = aggregate_adapters(global_state, updates, {n: groups[n] for n in global_state})
+    final = {n: torch.from_numpy(np.asarray(a).copy()) for n, a in global_state.items()}
+    load_trainable_state(model, final, partial=True)
+    return final

@@ -82,3 +82,42 @@ def test_errors_are_clear():
         evaluate_survival(model, _cohort(n=4), "ct")
     with pytest.raises(ValueError, match="cohort time must have shape"):
         Cohort(torch.zeros(3, 2, 32, 32, 32), torch.zeros(2), torch.zeros(3))
+
+
+def test_site_cohort_crops_and_clinical_rows(phantom_federation):
+    from pemma_core.clinical import EhrPreprocessor, read_clinical
+    from pemma_core.prognosis import load_cohort
+    from pemma_core.site import load_site_config
+
+    cfg = load_site_config(phantom_federation.site_yamls[2])  # CT + PET + EHR
+    spec = ModelSpec(survival=True)
+    table, _ = read_clinical(cfg.clinical.path, cfg.clinical.id_column, cfg.clinical.time, cfg.clinical.event,
+                             cfg.clinical.covariates)
+    prep = EhrPreprocessor.fit(table, cfg.clinical.covariates)
+    cohort, ids = load_cohort(cfg, spec.roi_size, "train", prep)
+    assert len(cohort) == len(ids) == 3
+    assert cohort.image.shape == (3, 2, *spec.roi_size)
+    assert cohort.ehr.shape == (3, prep.n_features)
+    expected = table.loc[ids]
+    assert torch.allclose(cohort.time, torch.tensor(expected["time"].astype(float).to_numpy(), dtype=torch.float32))
+    # the crop is centred on the tumour: the label's centre voxel is foreground in the PET channel's brightest region
+    assert cohort.image[:, 1].amax() > 0
+
+
+def test_federated_head_with_one_site_equals_local_rounds():
+    from pemma_core.prognosis import federated_survival
+
+    spec = ModelSpec(survival=True)
+    backbone = build_backbone(spec)
+    cohort = _cohort(n=8)
+    torch.manual_seed(0)
+    federated = build_model(spec, backbone)
+    torch.manual_seed(0)
+    local = build_model(spec, backbone)
+    federated_survival(federated, {"only": cohort}, {"only": ["ct"]}, rounds=3, local_steps=2)
+    for _ in range(3):
+        train_survival(local, cohort, ["ct"], steps=2)
+    head = {n: p for n, p in local.named_parameters() if n.startswith("survival_head.")}
+    for name, p in federated.named_parameters():
+        if name in head:
+            torch.testing.assert_close(p, head[name])
