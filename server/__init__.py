@@ -1,0 +1,1 @@
+"""pemma Flower ServerApp (server_app.py) and its strategy (strategy.py): validated, modality-aware aggregation."""

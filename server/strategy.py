@@ -1,0 +1,378 @@
+"""The PEMMA strategy: Flower's FedAvg with modality-aware, validated aggregation.
+
+Flower's :class:`~flwr.serverapp.strategy.FedAvg` does the protocol: node sampling,
+building the train/evaluate messages, the round loop (``Strategy.start``). This class
+changes only what happens to the replies:
+
+* every reply is checked against :mod:`pemma_core.wire` (only the tensors the server
+  sent, no image-like tensor, only aggregate metric names) and
+  :func:`pemma_core.aggregate.validate_update` (shapes, dtypes, finite values, per-group
+  counts, update norm at most ``max_update_norm``); a reply that fails is *rejected*
+  with a logged reason and the round goes on without it;
+* a site that errors, times out or disconnects is simply absent from the replies;
+* the round aggregates only if at least ``min_sites`` sites replied with an accepted
+  update; otherwise the global tensors stay as they were and the round is marked so;
+* aggregation is :func:`pemma_core.aggregate.aggregate_adapters` (per tensor, the
+  example-weighted mean over the sites that sent it, in float64 whatever the wire
+  dtype), over the updates sorted by site name so that a run is reproducible.
+
+The same class runs both phases: ``pretrain-ct`` (FedAvg of the whole CT backbone: one
+group, ``backbone``) and ``adapt`` (PEMMA adapters with their parameter groups).
+Everything each round produced is kept in :attr:`PemmaStrategy.rounds` as a
+:class:`RoundRecord`; :attr:`on_round_end` (if set) is called with it once the round's
+evaluation is in, which is where the server app writes checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from pemma_core import wire
+from pemma_core.aggregate import SiteUpdate, aggregate_adapters, validate_update
+
+log = logging.getLogger("flwr.pemma")  # a child of Flower's logger: same handlers, streamed by `flwr run --stream`
+
+PHASES = ("pretrain-ct", "adapt")
+# Message types: the client registers one handler per phase (client/client_app.py).
+TRAIN_MESSAGE_TYPE = {"pretrain-ct": "train.pretrain_ct", "adapt": "train"}
+ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
+
+
+@dataclass
+class SiteReport:
+    """What the server learned about one site in one round (goes to ``metrics.json``)."""
+
+    name: str
+    node_id: int
+    status: str = "ok"  # ok | rejected | failed
+    reason: str = ""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_seconds: float = 0.0
+    setup_seconds: float = 0.0
+    loss: float | None = None
+    examples: dict[str, int] = field(default_factory=dict)
+    dice: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "node_id": self.node_id,
+            "status": self.status,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "train_seconds": round(self.train_seconds, 4),
+            "setup_seconds": round(self.setup_seconds, 4),
+            "loss": self.loss,
+            "examples": dict(self.examples),
+            "dice": dict(self.dice),
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class RoundRecord:
+    phase: str
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    train_wall_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    aggregation_seconds: float = 0.0
+    aggregated: bool = False
+    note: str = ""
+    sites: dict[int, SiteReport] = field(default_factory=dict)  # node id -> report
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+    def site(self, node_id: int, name: str) -> SiteReport:
+        if node_id not in self.sites:
+            self.sites[node_id] = SiteReport(name=name, node_id=node_id)
+        elif name and self.sites[node_id].name.startswith("node-"):
+            self.sites[node_id].name = name
+        return self.sites[node_id]
+
+    def to_json(self) -> dict[str, Any]:
+        sites = sorted(self.sites.values(), key=lambda s: s.name)
+        return {
+            "phase": self.phase,
+            "round": self.round,
+            "wall_seconds": round(self.wall_seconds, 4),
+            "train_wall_seconds": round(self.train_wall_seconds, 4),
+            "aggregation_seconds": round(self.aggregation_seconds, 4),
+            "aggregated": self.aggregated,
+            "note": self.note,
+            "sites": [s.to_json() for s in sites],
+            "train_metrics": dict(self.train_metrics),
+            "eval_metrics": dict(self.eval_metrics),
+        }
+
+
+def state_to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
+    """Global tensors as an ArrayRecord in their wire form."""
+    return ArrayRecord({k: Array(v) for k, v in wire.to_wire(state, wire_dtype).items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord's arrays exactly as sent (dtype kept: validation sees the wire form)."""
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return int(sum(len(a.data) for a in record.values()))
+
+
+class PemmaStrategy(FedAvg):
+    """FedAvg whose replies are validated and aggregated per parameter group.
+
+    Parameters
+    ----------
+    phase: ``"pretrain-ct"`` or ``"adapt"``.
+    global_state: the global tensors at the start (float32 numpy arrays).
+    groups: tensor name -> parameter group (one group ``backbone`` in pretrain-ct).
+    roi_size: the model's crop, for the image-like-shape check.
+    train_config: sent to every site with each train message (local steps, lr, seed,
+        model spec, fingerprint...). ``round`` (the global round number) is added.
+    min_sites: fewest accepted replies a round needs to aggregate; also the number of
+        connected sites Flower waits for before sampling.
+    max_update_norm: bound on ``||update - global||_2`` per site (None: no bound).
+    wire_dtype: ``float32`` or ``float16``: the dtype of tensors on the wire.
+    round_offset: rounds already done (``--resume``): Flower's round ``r`` is global
+        round ``round_offset + r``.
+    evaluate: run federated evaluation (Dice per site and mode) after each round.
+    on_round_start: called with the grid before each round's messages are built (the
+        server app installs the backbone at sites that connected late).
+    on_round_end: called with the round's record and the new global tensors once the
+        round (training and evaluation) is over: checkpoints and metrics are written there.
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        global_state: Mapping[str, np.ndarray],
+        groups: Mapping[str, str],
+        roi_size: Sequence[int],
+        train_config: Mapping[str, Any],
+        min_sites: int = 2,
+        max_update_norm: float | None = None,
+        wire_dtype: str = "float32",
+        round_offset: int = 0,
+        evaluate: bool = True,
+        on_round_end: Callable[[RoundRecord, dict[str, np.ndarray]], None] | None = None,
+        on_round_start: Callable[[Grid], object] | None = None,
+    ) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(PHASES)}")
+        if min_sites < 1:
+            raise ValueError(f"min-sites must be >= 1, got {min_sites}")
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+        )
+        self.phase = phase
+        self.global_state = {k: np.asarray(v, dtype=np.asarray(v).dtype).copy() for k, v in global_state.items()}
+        self.groups = dict(groups)
+        self.roi_size = tuple(roi_size)
+        self.train_config = dict(train_config)
+        self.min_sites = min_sites
+        self.max_update_norm = max_update_norm
+        self.wire_dtype = wire.check_wire_dtype(wire_dtype)
+        self.round_offset = round_offset
+        self.on_round_end = on_round_end
+        self.on_round_start = on_round_start
+        self.federated_evaluation = evaluate
+        self.rounds: list[RoundRecord] = []
+        self.node_names: dict[int, str] = {}
+        self._current: RoundRecord | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _config(self, server_round: int, base: ConfigRecord) -> ConfigRecord:
+        config = ConfigRecord(dict(base))
+        for key, value in self.train_config.items():
+            config[key] = value
+        config["phase"] = self.phase
+        config["round"] = self.round_offset + server_round
+        config["wire-dtype"] = self.wire_dtype
+        return config
+
+    def _name(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and META_KEY in msg.content.config_records:
+            site = msg.content.config_records[META_KEY].get("site")
+            if isinstance(site, str) and site:
+                self.node_names[node] = site
+        return self.node_names.get(node, f"node-{node}")
+
+    def summary(self) -> None:
+        super().summary()
+        log.info(
+            "pemma %s: %d tensors, min-sites %d, max-update-norm %s, wire %s",
+            self.phase, len(self.global_state), self.min_sites, self.max_update_norm, self.wire_dtype,
+        )
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        record = RoundRecord(phase=self.phase, round=self.round_offset + server_round)
+        self._current = record
+        self.rounds.append(record)
+        if self.on_round_start is not None:
+            self.on_round_start(grid)
+        wire_arrays = state_to_record(self.global_state, self.wire_dtype)
+        messages = list(super().configure_train(server_round, wire_arrays, self._config(server_round, config), grid))
+        down = record_bytes(wire_arrays)
+        out = []
+        for msg in messages:  # FedAvg builds "train" messages; pretrain-ct has its own handler
+            node = msg.metadata.dst_node_id
+            record.site(node, self.node_names.get(node, f"node-{node}")).bytes_down = down
+            if TRAIN_MESSAGE_TYPE[self.phase] != msg.metadata.message_type:
+                msg = Message(content=msg.content, dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE[self.phase])
+            out.append(msg)
+        log.info("round %d (%s): sent %d bytes of tensors to %d sites", record.round, self.phase, down, len(out))
+        return out
+
+    def check_reply(self, msg: Message) -> tuple[SiteUpdate | None, list[str]]:
+        """(update, reasons to reject) for one train reply without error."""
+        content = msg.content
+        name = self._name(msg)
+        if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+            return None, [f"site {name!r}: reply lacks '{ARRAYS_KEY}' tensors or '{METRICS_KEY}' metrics"]
+        arrays = content.array_records[ARRAYS_KEY]
+        metrics = dict(content.metric_records[METRICS_KEY])
+        meta = dict(content.config_records[META_KEY]) if META_KEY in content.config_records else {}
+        extra_records = set(content.keys()) - {ARRAYS_KEY, METRICS_KEY, META_KEY}
+        reasons = [f"site {name!r}: unexpected record {k!r} in reply" for k in sorted(extra_records)]
+        reasons += [
+            f"site {name!r}: {p}" for p in wire.payload_problems(arrays, self.global_state, self.roi_size, metrics, meta)
+        ]
+        fingerprint = self.train_config.get("fingerprint")
+        if self.phase == "adapt" and fingerprint and meta.get("fingerprint") != fingerprint:
+            reasons.append(f"site {name!r}: trained on backbone {str(meta.get('fingerprint'))[:12]}..., not {fingerprint[:12]}...")
+        tensors = record_to_state(arrays)
+        for key, array in tensors.items():
+            if np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(self.wire_dtype):
+                reasons.append(f"site {name!r}: tensor {key!r} is {array.dtype} on the wire, expected {self.wire_dtype}")
+        examples = {
+            key.removeprefix("examples-"): int(value)
+            for key, value in metrics.items()
+            if key.startswith("examples-") and isinstance(value, (int, float)) and float(value).is_integer()
+        }
+        update = SiteUpdate(site=name, tensors=tensors, examples=examples)
+        reasons += validate_update(update, self.global_state, self.groups, self.max_update_norm)
+        return update, reasons
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
+        record.train_wall_seconds = time.perf_counter() - record.started
+        start = time.perf_counter()
+        accepted: list[SiteUpdate] = []
+        losses: list[tuple[float, int]] = []
+        replied: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            replied.add(node)
+            name = self._name(msg)
+            report = record.site(node, name)
+            if msg.has_error():
+                report.status, report.reason = "failed", msg.error.reason
+                log.warning("round %d: site %s failed and is left out: %s", record.round, name, msg.error.reason)
+                continue
+            report.bytes_up = record_bytes(msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()))
+            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
+            report.train_seconds = float(metrics.get("train-seconds", 0.0))
+            report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
+            update, reasons = self.check_reply(msg)
+            if reasons or update is None:
+                report.status, report.reason = "rejected", "; ".join(reasons)
+                log.warning("round %d: update from %s rejected: %s", record.round, name, report.reason)
+                continue
+            report.examples = dict(update.examples)
+            if "loss" in metrics:
+                report.loss = float(metrics["loss"])
+                losses.append((report.loss, int(metrics.get("num-examples", 1))))
+            accepted.append(update)
+        for node, report in record.sites.items():
+            if node not in replied:  # timed out or disconnected: Flower returned no reply
+                report.status, report.reason = "failed", "no reply (timed out or disconnected)"
+                log.warning("round %d: no reply from %s, left out", record.round, report.name)
+        sent = list(record.sites.values())
+        if len(accepted) < self.min_sites:
+            record.note = (
+                f"not aggregated: {len(accepted)} accepted update(s) of {len(sent)} site(s), "
+                f"min-sites is {self.min_sites}; global tensors unchanged"
+            )
+            log.warning("round %d: %s", record.round, record.note)
+            record.aggregation_seconds = time.perf_counter() - start
+            return None, None
+        contributing = sorted((u for u in accepted if u.tensors), key=lambda u: u.site)
+        self.global_state = aggregate_adapters(self.global_state, contributing, self.groups)
+        record.aggregated = True
+        total = sum(n for _, n in losses) or 1
+        record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
+        record.aggregation_seconds = time.perf_counter() - start
+        log.info(
+            "round %d (%s): aggregated %d of %d sites%s",
+            record.round, self.phase, len(accepted), len(sent),
+            f", loss {record.train_metrics['loss']:.4f}" if losses else "",
+        )
+        return state_to_record(self.global_state), MetricRecord(record.train_metrics)
+
+    # ------------------------------------------------------------------ evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.federated_evaluation:
+            return []
+        wire_arrays = state_to_record(self.global_state, self.wire_dtype)
+        return super().configure_evaluate(server_round, wire_arrays, self._config(server_round, config), grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
+        per_mode: dict[str, list[tuple[float, int]]] = {}
+        for msg in replies:
+            name = self._name(msg)
+            report = record.site(msg.metadata.src_node_id, name)
+            if msg.has_error():
+                log.warning("round %d: evaluation at %s failed: %s", record.round, name, msg.error.reason)
+                if report.status == "ok":
+                    report.reason = f"evaluation failed: {msg.error.reason}"
+                continue
+            metrics = dict(msg.content.metric_records.get(METRICS_KEY, MetricRecord()))
+            problems = wire.payload_problems({}, (), self.roi_size, metrics)
+            if problems:
+                log.warning("round %d: evaluation reply from %s ignored: %s", record.round, name, "; ".join(problems))
+                continue
+            for key, value in metrics.items():
+                if key.startswith("dice-"):
+                    mode = key.removeprefix("dice-")
+                    report.dice[mode] = float(value)
+                    per_mode.setdefault(mode, []).append((float(value), int(metrics.get(f"cases-{mode}", 1))))
+        record.eval_metrics = {
+            f"dice-{mode}": sum(d * n for d, n in values) / max(1, sum(n for _, n in values))
+            for mode, values in sorted(per_mode.items())
+        }
+        record.wall_seconds = time.perf_counter() - record.started
+        if record.eval_metrics:
+            log.info(
+                "round %d: Dice %s",
+                record.round, ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in record.eval_metrics.items()),
+            )
+        if self.on_round_end is not None:
+            self.on_round_end(record, self.global_state)
+        return MetricRecord(record.eval_metrics) if record.eval_metrics else None

@@ -1,0 +1,65 @@
+"""Client side: which site a node serves, and refusing a backbone with another fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import task
+from pemma_core.adapters import backbone_fingerprint, save_backbone
+from pemma_core.model import ModelSpec, build_backbone
+from pemma_core.site import load_site_config
+
+
+@pytest.fixture()
+def site_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "site-a.yaml"
+    path.write_text("name: site-a\ndata_root: .\nmodalities: [ct]\nmanifest: manifest.csv\n")
+    return path
+
+
+def test_site_config_from_node_config_or_partition(tmp_path: Path, site_yaml: Path) -> None:
+    assert task.site_config_path({"site-config": str(site_yaml)}, {}) == site_yaml
+    other = tmp_path / "other.yaml"
+    listed = {"site-configs": f"{site_yaml}, {other}"}
+    assert task.site_config_path({"partition-id": 1, "num-partitions": 2}, listed) == other
+    with pytest.raises(ValueError, match="only 2 site config"):
+        task.site_config_path({"partition-id": 2}, listed)
+    with pytest.raises(ValueError, match="site-config"):
+        task.site_config_path({}, {})
+
+
+def test_ct_only_site_may_send_only_shared_and_ct(site_yaml: Path) -> None:
+    site = load_site_config(site_yaml)
+    assert task.site_modes(site) == ["ct"]
+    assert task.allowed_groups(site) == {"shared", "ct"}
+
+
+def test_backbone_with_another_fingerprint_is_refused(tmp_path: Path, site_yaml: Path) -> None:
+    spec = ModelSpec()
+    site = load_site_config(site_yaml)
+    torch.manual_seed(0)
+    server_backbone = build_backbone(spec)
+    server_fp = backbone_fingerprint(server_backbone)
+    arrays = {k: v.numpy() for k, v in server_backbone.state_dict().items()}
+    torch.manual_seed(1)
+    own = tmp_path / "own.safetensors"
+    save_backbone(own, build_backbone(spec), spec)
+    with pytest.raises(task.BackboneMismatchError, match="refusing to join"):
+        task.install_backbone(site, {"backbone-file": str(own)}, arrays, spec, server_fp)
+    with pytest.raises(task.BackboneMismatchError, match="refusing to train"):
+        task.site_backbone(site, {"backbone-file": str(own)}, server_fp)
+    # Tensors altered in transit do not match the announced fingerprint either.
+    tampered = dict(arrays)
+    key = next(k for k, v in tampered.items() if v.dtype == np.float32)
+    tampered[key] = tampered[key] + 1.0
+    with pytest.raises(task.BackboneMismatchError, match="corrupted"):
+        task.install_backbone(site, {}, tampered, spec, server_fp)
+    # The genuine one is kept in the site's cache, found again by fingerprint.
+    assert task.install_backbone(site, {}, arrays, spec, server_fp) == server_fp
+    assert (site.cache_dir / "backbones" / f"{server_fp}.safetensors").is_file()
+    task._BACKBONES.clear()
+    assert backbone_fingerprint(task.site_backbone(site, {}, server_fp)) == server_fp

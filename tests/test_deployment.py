@@ -1,0 +1,528 @@
+"""A real Flower deployment on loopback: TLS, SuperNode authentication, the pemma app.
+
+What deploy/DEPLOYMENT.md tells the coordinator and hospital IT to do, done here with
+the same commands, every process on 127.0.0.1:
+
+1. ``deploy/make_certs.py``: a local CA, the SuperLink certificate (localhost/127.0.0.1),
+   one SuperNode key pair per hospital plus one nobody registers;
+2. ``flower-superlink`` with TLS and ``--enable-supernode-auth``;
+3. ``flwr supernode register KEY.pub`` for the three hospitals (Control API, over TLS);
+4. three ``flower-supernode`` with ``--root-certificates``, their own
+   ``--auth-supernode-private-key`` and ``--node-config 'site-config="SITE.yaml"'``
+   (a phantom federation written into the test folder), and a fourth with the
+   unregistered key;
+5. ``flwr run`` of the project's app with run-config overrides (tiny model, 2 rounds,
+   1 local step);
+6. meanwhile: the fourth SuperNode was refused (non-zero exit, no node id);
+7. the run finishes; ``RUN/adapters/round-2.safetensors`` exists and every round
+   aggregated the three hospitals, each node serving the site its node config named;
+8. every process started here (and whatever it started) is stopped by PID / process
+   group, and ``ps`` must show none of them left.
+
+``flwr`` reads its SuperLink connection from ``$FLWR_HOME/config.toml``; the test points
+``FLWR_HOME`` at its own folder, so the user's ``~/.flwr`` is neither read nor written.
+``flwr run`` is given a copy of the app (code + pyproject.toml without
+``[tool.flwr.federations]``): flwr 1.42 migrates such a section into ``config.toml`` and
+comments it out of the pyproject.toml it was run on, which must not happen to the repo.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # installed with flwr
+
+REPO = Path(__file__).resolve().parents[1]
+CONNECTION = "pemma-test"  # SuperLink connection name in the test's $FLWR_HOME/config.toml
+HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
+ROGUE = "rogue"
+ROUNDS = 2
+# Everything the run needs, on 2 shared CPU cores: tiny model, no CT pretraining, one
+# optimiser step per round, no federated evaluation. Each message a SuperNode receives
+# starts a fresh ClientApp process (importing torch + MONAI: seconds), which is what a
+# round costs here; evaluation would add one more per site and round.
+RUN_CONFIG = {
+    "preset": "tiny",
+    "num-server-rounds": ROUNDS,
+    "local-steps": 1,
+    "pretrain-rounds": 0,
+    "batch-size": 1,
+    "min-sites": len(HOSPITALS),
+    "round-timeout": 120.0,
+    "evaluate": False,
+}
+STARTUP_TIMEOUT = 45.0
+RUN_TIMEOUT = 300.0
+STOP_TIMEOUT = 10.0
+
+
+
+def _load_make_certs():
+    spec = importlib.util.spec_from_file_location("pemma_deploy_make_certs", REPO / "deploy" / "make_certs.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+make_certs = _load_make_certs()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _executable(name: str) -> str:
+    """The console script of the running interpreter's environment (not a pyenv shim)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found next to {sys.executable} nor on PATH: is flwr installed?")
+    return found
+
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` (guards against killing a recycled PID)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children, out, todo = _children_map(), [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Started:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    # every process seen below it, (pid, start time): the SuperLink starts its
+    # SuperExec in a session of its own, which a process-group kill would miss.
+    seen: dict[int, int | None] = field(default_factory=dict)
+
+    def snapshot(self) -> None:
+        if self.popen.poll() is None:
+            for pid in _descendants(self.popen.pid):
+                self.seen.setdefault(pid, _start_time(pid))
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Deployment:
+    """Processes of one loopback federation; :meth:`stop_all` leaves none running."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            "NO_COLOR": "1",
+            # 4 Python processes doing torch on 2 cores: one thread each
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",  # no events to telemetry.flower.ai
+            "FLWR_DISABLE_UPDATE_CHECK": "1",  # no PyPI look-up at start
+        }
+        self.started: list[Started] = []
+
+    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> Started:
+        log = self.logs / f"{name}.log"
+        with log.open("wb") as stream:
+            popen = subprocess.Popen(
+                argv, cwd=cwd or self.root, env=self.env, stdout=stream, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        proc = Started(name, popen, log)
+        self.started.append(proc)
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """A ``flwr`` CLI call (short-lived; killed with its group on timeout)."""
+        popen = subprocess.Popen(
+            [_executable("flwr"), *args], cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+        )
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
+            pytest.fail(f"flwr {' '.join(args)} did not finish in {timeout:.0f} s\n{out}\n{err}")
+        return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+
+    def flwr_json(self, *args: str, timeout: float = 60.0) -> dict:
+        result = self.flwr(*args, "--format", "json", timeout=timeout)
+        start = result.stdout.find("{")
+        try:
+            return json.loads(result.stdout[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            return {"success": False, "error-message": result.stdout + result.stderr}
+
+    def snapshot(self) -> None:
+        for proc in self.started:
+            proc.snapshot()
+
+    def diagnostics(self) -> str:
+        return "\n".join(f"----- {p.name} (exit {p.popen.poll()}) -----\n{p.tail()}" for p in self.started)
+
+    def _alive(self, pid: int, start: int | None) -> bool:
+        now = _start_time(pid)
+        if now is None:
+            return False
+        if start is not None and now != start:
+            return False  # the PID now belongs to someone else
+        try:  # a zombie is dead for our purposes
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def _ours(self) -> list[tuple[int, int | None]]:
+        pids: dict[int, int | None] = {}
+        for proc in self.started:
+            if proc.popen.poll() is None:
+                pids[proc.popen.pid] = _start_time(proc.popen.pid)
+            proc.snapshot()
+            pids.update(proc.seen)
+        return [(pid, start) for pid, start in pids.items() if self._alive(pid, start)]
+
+    def stop_all(self) -> list[str]:
+        """SIGTERM every process group and every descendant seen, then SIGKILL what is left.
+
+        Returns a description of any process still alive afterwards (should be empty)."""
+        self.snapshot()
+        for sig, grace in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 5.0)):
+            targets = self._ours()
+            if not targets:
+                break
+            for proc in self.started:
+                if proc.popen.poll() is None:
+                    try:
+                        os.killpg(proc.popen.pid, sig)  # own session: pgid == pid
+                    except ProcessLookupError:
+                        pass
+            for pid, start in targets:
+                if self._alive(pid, start):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and self._ours():
+                for proc in self.started:
+                    proc.popen.poll()  # reap
+                time.sleep(0.2)
+        for proc in self.started:
+            try:
+                proc.popen.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        return [f"{pid}: {_cmdline(pid)}" for pid, _ in self._ours()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def _wait(predicate, timeout: float, what: str, deployment: Deployment, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deployment.snapshot()
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{deployment.diagnostics()}")
+
+
+def _log_has(proc: Started, text: str) -> bool:
+    try:
+        return text in proc.log.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _ps_flower_lines(needles: list[str]) -> list[str]:
+    """``ps`` lines of flower processes whose command line holds one of ``needles``."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [
+        line for line in out.splitlines()[1:]
+        if re.search(r"flower-|flwr-", line) and any(n in line for n in needles)
+    ]
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _app_dirs() -> list[str]:
+    """The packages pyproject.toml installs (``[tool.setuptools.packages.find] include``) + sites/."""
+    patterns = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    names = {p.split("*")[0].rstrip(".") for p in patterns}
+    return sorted(n for n in names if (REPO / n).is_dir()) + ["sites"]
+
+
+def _copy_app(dest: Path) -> Path:
+    """The project's Flower app as ``flwr run`` sees it, minus ``[tool.flwr.federations]``."""
+    dest.mkdir(parents=True)
+    text = (REPO / "pyproject.toml").read_text()
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        header = re.match(r"\s*\[+([^\]]+)\]+\s*$", line)
+        if header:
+            skipping = header.group(1).strip().startswith("tool.flwr.federations")
+        if not skipping:
+            kept.append(line)
+    (dest / "pyproject.toml").write_text("".join(kept))
+    for name in ("README.md",):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, dest / name)
+    for name in _app_dirs():
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _app_config_keys() -> set[str]:
+    return set(_pyproject()["tool"]["flwr"]["app"].get("config", {}))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def _site_name(site_yaml: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(site_yaml.read_text())["name"])
+
+
+def _phantom_sites(root: Path) -> list[Path]:
+    from pemma_core import phantoms
+
+    federation = phantoms.make_federation(root, n_sites=len(HOSPITALS), cases_per_site=3, seed=0, test_cases=0)
+    return [Path(p) for p in federation.site_yamls]
+
+
+# --------------------------------------------------------------------------- the test
+
+
+def test_tls_authenticated_deployment_runs_two_rounds_and_refuses_unknown_supernode(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    needed = set(RUN_CONFIG) | {"run-dir"}
+    missing = sorted(needed - _app_config_keys())
+    assert not missing, (
+        f"pyproject.toml [tool.flwr.app.config] lacks {missing}: `flwr run --run-config` can only override keys "
+        "declared there (flwr 1.42 rejects the run otherwise), so a coordinator could not set them either"
+    )
+
+    # 1. key material (what the coordinator and each hospital generate)
+    certs = make_certs.make_ca(tmp_path / "certs")
+    server = make_certs.make_server_cert(tmp_path / "certs", tmp_path / "certs")
+    keys = {name: make_certs.make_supernode_key(tmp_path / "keys", name) for name in (*HOSPITALS, ROGUE)}
+    assert oct(keys[ROGUE].private.stat().st_mode & 0o777) == "0o600"
+
+    sites = dict(zip(HOSPITALS, _phantom_sites(tmp_path / "federation")))
+    app = _copy_app(tmp_path / "app" / "pemma")
+    run_dir = tmp_path / "run"
+
+    link_port, *node_ports = _free_ports(1 + len(HOSPITALS) + 1)
+    superlink_address = f"127.0.0.1:{link_port}"
+
+    d = Deployment(tmp_path)
+    (d.home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "{superlink_address}"\n'
+        f'root-certificates = "{certs.cert}"\n'
+    )
+    coordinator = tmp_path / "coordinator"
+    coordinator.mkdir()
+    try:
+        # 2. SuperLink: TLS on every API, SuperNode authentication, no `uv sync` at runtime
+        link = d.start("superlink", [
+            _executable("flower-superlink"),
+            "--ssl-ca-certfile", str(certs.cert),
+            "--ssl-certfile", str(server.cert),
+            "--ssl-keyfile", str(server.key),
+            "--enable-supernode-auth",
+            "--host", "127.0.0.1", "--port", str(link_port),
+            "--database", str(coordinator / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ], cwd=coordinator)
+        _wait(lambda: _log_has(link, f"Uvicorn running on https://127.0.0.1:{link_port}") or link.popen.poll() is not None,
+              STARTUP_TIMEOUT, "the SuperLink to listen", d)
+        assert link.popen.poll() is None, f"SuperLink exited\n{d.diagnostics()}"
+
+        # 3. register the three hospitals' public keys (Control API over TLS)
+        node_ids: dict[str, int] = {}
+        for name in HOSPITALS:
+            reply = d.flwr_json("supernode", "register", str(keys[name].public), CONNECTION, "--name", name)
+            assert reply.get("success"), f"register {name}: {reply}\n{d.diagnostics()}"
+            node_ids[name] = int(reply["node-id"])
+        listed = d.flwr_json("supernode", "list", CONNECTION)
+        assert {int(n["node-id"]) for n in listed["nodes"]} == set(node_ids.values())
+        assert {n["status"] for n in listed["nodes"]} == {"registered"}
+
+        # 4. three SuperNodes, each with its own key and site YAML
+        nodes = {}
+        for (name, site), port in zip(sites.items(), node_ports):
+            nodes[name] = d.start(name, [
+                _executable("flower-supernode"),
+                "--superlink", superlink_address,
+                "--root-certificates", str(certs.cert),
+                "--auth-supernode-private-key", str(keys[name].private),
+                "--node-config", f'site-config="{site}"',
+                "--port", str(port),
+            ])
+        # ... and one whose key nobody registered (bounded retries: it must give up)
+        rogue = d.start(ROGUE, [
+            _executable("flower-supernode"),
+            "--superlink", superlink_address,
+            "--root-certificates", str(certs.cert),
+            "--auth-supernode-private-key", str(keys[ROGUE].private),
+            "--node-config", f'site-config="{sites[HOSPITALS[0]]}"',
+            "--port", str(node_ports[-1]),
+            "--max-retries", "2", "--max-wait-time", "20",
+        ])
+
+        def all_online():
+            reply = d.flwr_json("supernode", "list", CONNECTION)
+            status = {int(n["node-id"]): n["status"] for n in reply.get("nodes", [])}
+            return all(status.get(i) == "online" for i in node_ids.values())
+
+        _wait(all_online, STARTUP_TIMEOUT, "the three registered SuperNodes to be online", d, poll=1.0)
+        for name, proc in nodes.items():
+            assert _log_has(proc, f"SuperNode ID: {node_ids[name]}"), f"{name} has not its registered node id\n{proc.tail()}"
+
+        # 5. the run: the project's app with run-config overrides
+        overrides = {**RUN_CONFIG, "run-dir": str(run_dir)}
+        submitted = d.flwr_json(
+            "run", str(app), CONNECTION, "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in overrides.items()),
+            timeout=120.0,
+        )
+        assert submitted.get("success"), f"flwr run: {submitted}\n{d.diagnostics()}"
+        run_id = submitted["run-id"]
+
+        # 6. (while the run starts) the unregistered SuperNode was turned away
+        _wait(lambda: rogue.popen.poll() is not None, STARTUP_TIMEOUT, "the unregistered SuperNode to be refused", d)
+        assert rogue.popen.returncode != 0, rogue.tail()
+        assert "Failed to activate SuperNode" in rogue.tail(200), rogue.tail()
+        assert "SuperNode ID:" not in rogue.tail(200), rogue.tail()
+        assert _log_has(link, "No SuperNode found with the given public key"), link.tail()
+        listed = d.flwr_json("supernode", "list", CONNECTION)
+        assert {int(n["node-id"]) for n in listed["nodes"]} == set(node_ids.values()), listed
+
+        def run_status() -> str:
+            reply = d.flwr_json("list", CONNECTION, "--run-id", run_id)
+            runs = reply.get("runs") or [{}]
+            return str(runs[0].get("status", ""))
+
+        def progressed():
+            status = run_status()
+            if status.startswith("finished"):
+                return status
+            dead = [p.name for p in (link, *nodes.values()) if p.popen.poll() is not None]
+            assert not dead, f"{dead} exited during the run\n{d.diagnostics()}"
+            return None
+
+        # 7. the run completes: two rounds, three hospitals each
+        final = _wait(progressed, RUN_TIMEOUT, f"run {run_id} to finish", d, poll=2.0)
+        run_log = d.flwr("log", run_id, CONNECTION, "--show", timeout=60.0)
+        (d.logs / "run.log").write_text(run_log.stdout + run_log.stderr)
+        assert final == "finished:completed", f"run {run_id}: {final}\n{run_log.stdout[-4000:]}\n{d.diagnostics()}"
+        for r in range(1, ROUNDS + 1):
+            assert (run_dir / "adapters" / f"round-{r}.safetensors").is_file(), sorted(run_dir.rglob("*"))
+        # every round aggregated all three hospitals, each node (authenticated by its key)
+        # serving the site its --node-config named
+        expected = {node_ids[h]: _site_name(sites[h]) for h in HOSPITALS}
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [r["round"] for r in metrics["rounds"]] == list(range(1, ROUNDS + 1)), metrics["rounds"]
+        for record in metrics["rounds"]:
+            served = {int(s["node_id"]): s["name"] for s in record["sites"] if s["status"] == "ok"}
+            assert served == expected, record
+        for name, proc in nodes.items():
+            assert _log_has(proc, f"[RUN {run_id}"), f"{name} took no part in run {run_id}\n{proc.tail()}"
+    finally:
+        # 8. stop everything, by PID / process group, and check nothing is left
+        left = d.stop_all()
+    assert not left, f"processes still running after stop: {left}"
+    needles = [str(tmp_path), f":{link_port}", *(f":{p}" for p in node_ports)]
+    needles += [f"--parent-pid {p.popen.pid}" for p in d.started]
+    assert not _ps_flower_lines(needles), _ps_flower_lines(needles)
+    print(f"deployment test: {time.monotonic() - t0:.1f} s")

@@ -1,0 +1,84 @@
+"""`pemma simulate` end to end on Flower's simulation engine (Ray), then evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from pemma_core.adapters import read_adapter_file
+from pemma_core.cli import main
+
+
+def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pemma_core.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("simulate") / "run"
+    done = pemma("simulate", "--rounds", "2", "--pretrain-rounds", "1", "--local-steps", "1", "--pretrain-steps", "1",
+                 "--phantom-cases", "3", "--wire-dtype", "float16", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[adapt round 2]" in done.stdout and "site-3" in done.stdout  # progress was shown
+    return out
+
+
+def test_run_folder_contract(run_dir: Path) -> None:
+    for name in ("run.json", "metrics.json", "report.md", "backbone.safetensors", "plots/dice.png", "plots/overlay.png",
+                 "adapters/round-0.safetensors", "adapters/round-1.safetensors", "adapters/round-2.safetensors",
+                 "federation/federation.yaml"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["round"] for r in metrics["pretrain_rounds"]] == [1]
+    for record in metrics["rounds"]:
+        assert record["wall_seconds"] > 0 and record["aggregated"]
+        names = [s["name"] for s in record["sites"]]
+        assert names == ["site-1", "site-2", "site-3"]
+        for site in record["sites"]:
+            assert site["bytes_up"] > 0 and site["train_seconds"] > 0
+            assert set(site["dice"]) == ({"ct"} if site["name"] == "site-1" else {"ct", "pet", "ctpet"})
+    _, metadata = read_adapter_file(run_dir / "adapters" / "round-2.safetensors")
+    provenance = json.loads(metadata["provenance"])
+    assert provenance["round"] == 2 and provenance["sites"] == ["site-1", "site-2", "site-3"]
+    assert metadata["fingerprint"] == metrics["run"]["fingerprint"]
+    report = (run_dir / "report.md").read_text()
+    assert "plots/dice.png" in report and "plots/overlay.png" in report
+
+
+def test_evaluate_and_predict(run_dir: Path, tmp_path: Path) -> None:
+    sites = sorted(str(p) for p in (run_dir / "federation").glob("site-*/site.yaml"))
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", "--run", str(run_dir), "--sites", *sites, "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert set(result["sites"]) == {"site-1", "site-2", "site-3"} and set(result["sites"]["site-2"]) == {"ct", "pet", "ctpet"}
+    case = next((run_dir / "federation" / "site-2" / "cases").iterdir())
+    mask = tmp_path / "mask.nii.gz"
+    assert main(["predict", "--run", str(run_dir), "--ct", str(case / "ct.nii.gz"), "--pet", str(case / "pet.nii.gz"),
+                 "--out", str(mask)]) == 0
+    ct, written = nib.load(str(case / "ct.nii.gz")), nib.load(str(mask))
+    assert written.shape == ct.shape and (written.affine == ct.affine).all()
+
+
+def test_resume_takes_the_run_settings_and_the_options_given(tmp_path: Path) -> None:
+    import argparse
+
+    from server.settings import RunSettings
+    from simulation import simulate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = RunSettings(run_dir=str(run), rounds=2, seed=7, wire_dtype="float16", local_steps=3)
+    (run / "run.json").write_text(json.dumps(saved.to_json()))
+    parser = argparse.ArgumentParser()
+    simulate.add_arguments(parser)
+    settings = simulate.settings_from_args(parser.parse_args(["--resume", str(run), "--rounds", "4"]))
+    assert settings.resume and settings.rounds == 4 and settings.run_dir == str(run.resolve())
+    assert (settings.seed, settings.wire_dtype, settings.local_steps) == (7, "float16", 3)
+    fresh = simulate.settings_from_args(parser.parse_args(["--out", str(tmp_path / "new"), "--adapter", "dora"]))
+    assert not fresh.resume and fresh.adapter == "dora" and fresh.rounds == simulate.SIMULATE_DEFAULTS["rounds"]
