@@ -30,7 +30,7 @@ KEYS: dict[str, tuple[str, Any, str]] = {
     "alpha": ("alpha", 16, "LoRA/DoRA alpha"),
     "num-server-rounds": ("rounds", 3, "adapt rounds"),
     "local-steps": ("local_steps", 5, "optimiser steps per site per adapt round"),
-    "lr": ("lr", 2e-3, "adapt learning rate"),
+    "lr": ("lr", 1e-2, "adapt learning rate (adapters start at zero: a higher rate than full training)"),
     "batch-size": ("batch_size", 2, "training batch size"),
     "pretrain-rounds": ("pretrain_rounds", 2, "pretrain-ct rounds (0: no pretraining, random backbone)"),
     "pretrain-steps": ("pretrain_steps", 5, "optimiser steps per site per pretrain-ct round"),
@@ -60,7 +60,7 @@ class RunSettings:
     alpha: int = 16
     rounds: int = 3
     local_steps: int = 5
-    lr: float = 2e-3
+    lr: float = 1e-2
     batch_size: int = 2
     pretrain_rounds: int = 2
     pretrain_steps: int = 5
