@@ -12,7 +12,12 @@ Message types (sent by :mod:`server.server_app`):
   a different one);
 * ``train.pretrain_ct``: a round of FedAvg pretraining of the whole CT backbone;
 * ``train``: a round of PEMMA adaptation (global adapters in, trained groups out);
-* ``evaluate``: Dice per mode of the global adapters on the site's test split.
+* ``evaluate``: Dice per mode of the global adapters on the site's test split;
+* ``query.ehr_stats``: aggregates of the site's EHR training rows (counts, sums, centred
+  sums of squares, category sets), so the server can fit the federation's EHR
+  preprocessor without any row;
+* ``train.prognosis``: a round of the survival head (+ EHR encoder) on the frozen
+  adapters; the reply holds the head groups, event counts and the held-out C-index.
 
 Which site a node serves: ``context.node_config["site-config"]`` on a deployed
 SuperNode, or the run config (``site-configs`` / ``federation-dir``) by ``partition-id``
@@ -83,6 +88,17 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
         """One round of PEMMA adaptation on the modes this site serves."""
         arrays, config = _received(msg)
         return _reply(msg, task.train_site(site_of(context), context.node_config, config, arrays))
+
+    @app.query("ehr_stats")
+    def ehr_stats(msg: Message, context: Context) -> Message:
+        """Aggregates of this site's EHR training rows (nothing per patient)."""
+        return _reply(msg, task.ehr_stats_site(site_of(context)))
+
+    @app.train("prognosis")
+    def prognosis(msg: Message, context: Context) -> Message:
+        """One round of the survival head (+ EHR encoder) on the frozen adapters."""
+        arrays, config = _received(msg)
+        return _reply(msg, task.prognosis_site(site_of(context), context.node_config, config, arrays))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -11,6 +11,10 @@
   :mod:`pemma_core.train` and return only what may cross the wire (see
   :mod:`pemma_core.wire`): the tensors of the groups the site trained, per-group counts,
   aggregate metrics.
+* :func:`ehr_stats_site` / :func:`prognosis_site`: the ``prognosis`` phase: the aggregates
+  of the site's EHR training rows (to agree on the EHR width), then rounds of the Cox
+  head (+ EHR encoder) on the frozen adapters, replying with the head groups, the event
+  count and the C-index of the held-out split (never a per-patient risk or a case id).
 """
 
 from __future__ import annotations
@@ -308,6 +312,89 @@ def pretrain_site(site: SiteConfig, config: Mapping[str, Any], arrays: Mapping[s
     }
     reply = SiteReply(out, metrics, {"site": site.name})
     check_reply(reply, arrays, spec.roi_size, site)
+    return reply
+
+
+def has_survival_labels(site: SiteConfig) -> bool:
+    return site.clinical is not None and site.clinical.time is not None and site.clinical.event is not None
+
+
+def has_ehr(site: SiteConfig) -> bool:
+    return "ehr" in site.modalities and site.clinical is not None and bool(site.clinical.covariates)
+
+
+def ehr_stats_site(site: SiteConfig) -> SiteReply:
+    """``query.ehr_stats``: the aggregates of the site's EHR training rows
+    (:func:`pemma_core.clinical.partial_stats`); a site without EHR answers with its name only."""
+    from pemma_core.data import site_cases
+    from pemma_core.prognosis import site_ehr_stats
+
+    if not has_ehr(site):
+        return SiteReply({}, {}, {"site": site.name})
+    reply = SiteReply({}, {}, {"site": site.name, "ehr-stats": json.dumps(site_ehr_stats(site), sort_keys=True)})
+    check_reply(reply, {}, (1, 1, 1), site, case_ids=[c.case_id for c in site_cases(site)[0]])
+    return reply
+
+
+def prognosis_site(
+    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> SiteReply:
+    """One round of ``prognosis``: the Cox head (and, with EHR, the EHR encoder) trained on
+    the site's train cohort over the frozen adapters; the C-index of its test split.
+
+    Rule for a site without EHR on a model with an EHR branch: the head is additive and
+    the site leaves the EHR term out (:func:`pemma_core.prognosis.ehr_term`), so it
+    trains and sends ``prognosis`` only. Counts per group are the cohort's events (the
+    Cox likelihood's information). A site without survival labels, or whose train cohort
+    has no event, sends nothing.
+    """
+    from pemma_core.clinical import EhrPreprocessor
+    from pemma_core.prognosis import check_site_covariates, evaluate_survival, load_cohort, train_survival
+
+    start = time.perf_counter()
+    meta = {"site": site.name, "fingerprint": str(config["fingerprint"])}
+    if not has_survival_labels(site):
+        return SiteReply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, meta)
+    model = build_site_model(site, node_config, config, arrays)
+    preprocessor = None
+    if model.spec.ehr_features and has_ehr(site):
+        preprocessor = EhrPreprocessor.from_metadata(json.loads(str(config["ehr-preprocessor"])))
+        check_site_covariates(site, preprocessor)
+        if preprocessor.n_features != model.spec.ehr_features:
+            raise ValueError(f"site {site.name}: EHR preprocessor gives {preprocessor.n_features} features, "
+                             f"the model expects {model.spec.ehr_features}")
+    modes = site_modes(site)
+    cohort, ids = load_cohort(site, model.roi_size, "train", preprocessor)
+    events = int(cohort.event.sum())
+    setup = time.perf_counter() - start
+    if len(cohort) < 2 or events < 1:  # the Cox likelihood has nothing to learn from
+        return SiteReply({}, {"num-examples": 0, "cases-survival": len(cohort), "train-seconds": 0.0, "bytes-up": 0}, meta)
+    torch.manual_seed(site_seed(int(config.get("seed", 0)), int(config["round"]), site.name))
+    result = train_survival(model, cohort, modes, steps=int(config["local-steps"]), lr=float(config["lr"]), omit_ehr=True)
+    groups = model.param_groups
+    sent = {k: v for k, v in trainable_state(model).items() if groups[k] in result.examples}
+    out = wire.to_wire(sent, str(config.get("wire-dtype", "float32")))
+    metrics: dict[str, float | int] = {
+        "num-examples": len(cohort),
+        "events-survival": events,
+        "loss": float(result.loss),
+        "steps": int(result.steps),
+        "train-seconds": float(result.seconds),
+        "setup-seconds": float(setup),
+        "bytes-up": wire.payload_bytes(out),
+    }
+    metrics.update({f"examples-{g}": events for g in sorted(result.examples)})
+    case_ids = list(ids)
+    try:  # the C-index of the held-out split, when it has comparable pairs
+        test, test_ids = load_cohort(site, model.roi_size, "test", preprocessor)
+        case_ids += test_ids
+        eval_mode = "ctpet" if "ctpet" in modes else modes[0]
+        metrics["c-index"] = float(evaluate_survival(model, test, eval_mode, omit_ehr=True))
+        metrics["cases-survival"] = len(test)
+    except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
+        pass
+    reply = SiteReply(out, metrics, meta)
+    check_reply(reply, arrays, model.roi_size, site, case_ids=case_ids)
     return reply
 
 

@@ -93,14 +93,16 @@ def save_adapters(
     model: SegmentationModel,
     state: Mapping[str, torch.Tensor] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``state`` (default: the model's trainable tensors) with the model's metadata."""
+    """Write ``state`` (default: the model's trainable tensors) with the model's metadata
+    (plus ``extra_metadata``, e.g. the run's EHR preprocessor, ``EhrPreprocessor.to_metadata()``)."""
     state = trainable_state(model) if state is None else state
     check_state(model, state)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), adapter_metadata(model, provenance))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), {**dict(extra_metadata or {}), **adapter_metadata(model, provenance)})
     tmp.replace(path)  # never leave a half-written adapter file under the final name
     return path
 

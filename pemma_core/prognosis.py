@@ -4,6 +4,11 @@ A site's cohort is small, and the Cox partial likelihood compares every patient 
 everyone still at risk, so a step uses the whole cohort (full-batch gradient). With the
 segmentation adapters frozen (the default) the pooled encoder tokens do not change, so
 they are computed once per mode and each step only runs the head: seconds, not minutes.
+
+A site without EHR on a model with an EHR branch (the federation's rule, see
+:func:`ehr_term`): the head is additive, ``risk = w_img . f + w_ehr . e``, and such a
+site omits the EHR term (a zero embedding). It trains only the ``prognosis`` group;
+the EHR columns of the head get no gradient from it, the EHR encoder is not touched.
 """
 
 from __future__ import annotations
@@ -45,6 +50,22 @@ def _check_survival_model(model: PemmaModel) -> None:
         raise ValueError("survival training needs a PEMMA model built with survival=True")
 
 
+def ehr_term(model: PemmaModel, cohort: Cohort, omit_ehr: bool = False) -> torch.Tensor | None:
+    """The EHR embedding fed to the head: the encoder's output when the cohort has EHR;
+    with ``omit_ehr``, zeros ("the EHR term omitted") when the model has an EHR branch
+    but the cohort has none; ``None`` when the model has no EHR branch."""
+    if not model.spec.ehr_features:
+        return None
+    if cohort.ehr is None:
+        if not omit_ehr:
+            raise ValueError(
+                f"this model's survival head needs EHR covariates [B, {model.spec.ehr_features}] "
+                "(or omit_ehr=True to leave the EHR term out)"
+            )
+        return torch.zeros(len(cohort), model.spec.ehr_embedding)
+    return model.ehr_encoder(cohort.ehr)
+
+
 def train_survival(
     model: PemmaModel,
     cohort: Cohort,
@@ -54,16 +75,19 @@ def train_survival(
     train_adapters: bool = False,
     weight_decay: float = 1e-3,
     ties: str = "efron",
+    omit_ehr: bool = False,
 ) -> TrainResult:
     """Fit the survival head (and EHR encoder) with the negative Cox partial likelihood.
 
     Each step cycles through ``modes``. With ``train_adapters`` the groups of that mode
-    are fine-tuned jointly; otherwise only ``prognosis`` and ``ehr`` move.
+    are fine-tuned jointly; otherwise only ``prognosis`` and ``ehr`` move. With
+    ``omit_ehr`` a cohort without EHR trains a model with an EHR branch on the image
+    term alone (group ``prognosis`` only; see the module docstring).
     """
     _check_survival_model(model)
     if len(cohort) < 2 or int(cohort.event.sum()) < 1:
         raise ValueError(f"a survival cohort needs >= 2 patients and >= 1 event, got {len(cohort)} / {int(cohort.event.sum())}")
-    head_groups = {"prognosis"} | ({"ehr"} if model.spec.ehr_features else set())
+    head_groups = {"prognosis"} | ({"ehr"} if model.spec.ehr_features and cohort.ehr is not None else set())
     groups = model.param_groups
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
@@ -81,8 +105,7 @@ def train_survival(
         trained = head_groups | (set(MODE_GROUPS[mode]) if train_adapters else set())
         optimizer.zero_grad(set_to_none=True)
         features = cached[mode] if not train_adapters else model.encode(cohort.image, mode)
-        embedding = model.ehr_encoder(cohort.ehr) if model.spec.ehr_features else None
-        risk = model.survival_head(features, embedding)
+        risk = model.survival_head(features, ehr_term(model, cohort, omit_ehr))
         loss = cox_partial_nll(risk, cohort.time, cohort.event, ties=ties)
         loss.backward()
         for name, p in params.items():
@@ -96,16 +119,17 @@ def train_survival(
 
 
 @torch.no_grad()
-def predict_risk(model: PemmaModel, cohort: Cohort, mode: str) -> torch.Tensor:
+def predict_risk(model: PemmaModel, cohort: Cohort, mode: str, omit_ehr: bool = False) -> torch.Tensor:
     """Risk score per patient, ``[N]`` (higher = shorter expected survival)."""
     _check_survival_model(model)
     model.eval()
-    return model.risk(cohort.image, mode, cohort.ehr)
+    embedding = ehr_term(model, cohort, omit_ehr)
+    return model.survival_head(model.encode(cohort.image, mode), embedding)
 
 
-def evaluate_survival(model: PemmaModel, cohort: Cohort, mode: str) -> float:
+def evaluate_survival(model: PemmaModel, cohort: Cohort, mode: str, omit_ehr: bool = False) -> float:
     """Harrell's C-index of the model's risk on ``cohort`` in ``mode``."""
-    risk = predict_risk(model, cohort, mode)
+    risk = predict_risk(model, cohort, mode, omit_ehr)
     return concordance(risk, cohort.time, cohort.event)
 
 
@@ -158,6 +182,39 @@ def load_cohort(cfg, roi_size: tuple[int, int, int], split: str = "train", prepr
         ehr=ehr,
     )
     return cohort, ids
+
+
+def site_ehr_stats(cfg, split: str = "train") -> dict:
+    """:func:`pemma_core.clinical.partial_stats` of a site's ``split`` rows: aggregates only
+    (per numeric covariate count / sum / centred sum of squares / missing; per categorical
+    covariate the set of categories and missing), what the server needs to fit the
+    federation's :class:`~pemma_core.clinical.EhrPreprocessor` without any row."""
+    from pemma_core.clinical import partial_stats, read_clinical
+    from pemma_core.data import site_cases
+
+    if cfg.clinical is None or not cfg.clinical.covariates:
+        raise ValueError(f"site {cfg.name} ({cfg.path}) declares no EHR covariates (clinical.covariates)")
+    table, _problems = read_clinical(
+        cfg.clinical.path, cfg.clinical.id_column, cfg.clinical.time or "time", cfg.clinical.event or "event",
+        cfg.clinical.covariates, on_bad_case=cfg.on_bad_case,
+    )
+    cases, _ = site_cases(cfg, split)
+    ids = [c.case_id for c in cases if c.case_id in table.index]
+    if not ids:
+        raise ValueError(f"site {cfg.name}: no {split} case has a row in {cfg.clinical.path}")
+    return partial_stats(table.loc[ids], cfg.clinical.covariates)
+
+
+def check_site_covariates(cfg, preprocessor) -> None:
+    """Raise naming every covariate the federation's preprocessor needs that the site's
+    YAML (``clinical.covariates``) does not declare, or declares with another type."""
+    declared = dict(cfg.clinical.covariates) if cfg.clinical is not None else {}
+    wrong = [f"{name!r} ({kind})" for name, kind in preprocessor.spec.items() if declared.get(name) != kind]
+    if wrong:
+        raise ValueError(
+            f"site {cfg.name} holds EHR but its clinical covariates lack {', '.join(wrong)} "
+            f"(declared {declared}, the federation's EHR spec is {preprocessor.spec}; config {cfg.path})"
+        )
 
 
 def federated_survival(

@@ -9,10 +9,13 @@ it replies, the server checks every reply it receives):
   backbone during ``pretrain-ct``), and no tensor shaped like an image or a label
   (trailing three dimensions at least as large as the model's crop, see
   :func:`looks_like_image`);
-* metrics: only names matching :data:`METRIC_KEY` (loss, Dice per mode, counts, seconds,
-  bytes), numbers only, and never a string naming a case;
-* reply config: only :data:`REPLY_CONFIG_KEYS` (the site's name and the fingerprint of
-  the backbone it used).
+* metrics: only names matching :data:`METRIC_KEY` (loss, Dice per mode, the C-index of a
+  site's held-out split, counts, seconds, bytes), numbers only, and never a string naming
+  a case;
+* reply config: only :data:`REPLY_CONFIG_KEYS` (the site's name, the fingerprint of the
+  backbone it used and, answering ``query.ehr_stats``, ``ehr-stats``: the JSON of
+  :func:`pemma_core.clinical.partial_stats`, aggregates of its training rows: counts,
+  sums, centred sums of squares, category sets; no row, and checked for case ids).
 
 It also converts tensors to and from their wire form: ``float32`` or ``float16``
 (``wire-dtype``) on the wire, always ``float32`` once received so the server averages in
@@ -33,9 +36,10 @@ WIRE_DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float1
 # Names a reply's MetricRecord may use. Groups and modes are lower-case words.
 METRIC_KEY = re.compile(
     r"^(?:num-examples|steps|loss|train-seconds|setup-seconds|eval-seconds|bytes-up"
-    r"|examples-[a-z]+|dice-(?:ct|pet|ctpet)|cases-(?:ct|pet|ctpet))$"
+    r"|examples-[a-z]+|dice-(?:ct|pet|ctpet)|cases-(?:ct|pet|ctpet)"
+    r"|c-index|cases-survival|events-survival)$"
 )
-REPLY_CONFIG_KEYS: frozenset[str] = frozenset({"site", "fingerprint"})
+REPLY_CONFIG_KEYS: frozenset[str] = frozenset({"site", "fingerprint", "ehr-stats"})
 
 
 class WireViolation(RuntimeError):

@@ -7,9 +7,12 @@ The recipe (:func:`run_federation`)::
     backbone   <- RUN/backbone.safetensors | backbone-file | pretrain-ct (FedAvg over CT sites)
     install    -> every site receives the backbone once and checks its fingerprint
     adapt      -> PEMMA adapters, rounds of: train (modality-aware aggregation) + evaluate
+    ehr width  -> sites holding EHR send aggregates of their rows; the server fits the
+                  federation's EHR preprocessor (no row ever leaves a site)
+    prognosis  -> Cox head (+ EHR encoder) on the frozen adapters, rounds numbered after adapt's
     report     -> RUN/metrics.json, RUN/adapters/round-<n>.safetensors, RUN/report.md
 
-Both phases run through Flower (:class:`server.strategy.PemmaStrategy`, a FedAvg);
+Every phase runs through Flower (:class:`server.strategy.PemmaStrategy`, a FedAvg);
 after every round the global tensors and the round's metrics are written, so
 ``resume = true`` continues from the last finished round with the same result as an
 uninterrupted run.
@@ -22,6 +25,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
+from pemma_core import wire
 from pemma_core.adapters import (
     AdapterMismatchError,
     backbone_fingerprint,
@@ -41,6 +46,7 @@ from pemma_core.adapters import (
     trainable_state,
 )
 from pemma_core.aggregate import one_group
+from pemma_core.clinical import EhrPreprocessor
 from pemma_core.model import build_backbone, build_model
 from server.settings import RunSettings
 from server.strategy import ARRAYS_KEY, CONFIG_KEY, META_KEY, PemmaStrategy, RoundRecord, state_to_record
@@ -49,6 +55,8 @@ from simulation.run_dir import RunDir, write_report
 
 log = logging.getLogger("flwr.pemma")
 INSTALL_MESSAGE_TYPE = "query.install_backbone"
+EHR_STATS_MESSAGE_TYPE = "query.ehr_stats"
+EHR_STATS_KEY = "ehr-stats"
 
 Progress = Callable[[RoundRecord], None]
 
@@ -235,6 +243,7 @@ def adapt(
     torch.manual_seed(settings.seed)
     model = build_model(spec, backbone)
     state = {k: v.numpy() for k, v in trainable_state(model).items()}
+    run.forget_phase("prognosis")  # prognosis always runs (again) on the final adapters
     offset = run.last_finished_round("adapt") if settings.resume else 0
     if offset:
         tensors, metadata = read_adapter_file(run.checkpoint("adapt", offset))
@@ -283,6 +292,109 @@ def adapt(
     return strategy
 
 
+def agree_ehr_width(grid: Grid, settings: RunSettings, installer: BackboneInstaller) -> EhrPreprocessor | None:
+    """The federation's EHR preprocessor, fitted from the sites' :func:`partial_stats`
+    (aggregates of their training rows: counts, sums, centred sums of squares, category
+    sets); ``None`` when no site holds EHR (the model then has no EHR branch)."""
+    nodes = sorted(installer.installed)
+    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=EHR_STATS_MESSAGE_TYPE) for n in nodes]
+    stats: list[tuple[str, dict[str, Any]]] = []
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        name = installer.installed.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            log.warning("EHR statistics of site %s failed; its EHR is left out: %s", name, reply.error.reason)
+            continue
+        meta = reply.content.config_records.get(META_KEY, ConfigRecord())
+        problems = wire.payload_problems(reply.content.array_records.get(ARRAYS_KEY, {}), (), (1, 1, 1), None, dict(meta))
+        if problems:
+            log.warning("EHR statistics of site %s ignored: %s", name, "; ".join(problems))
+            continue
+        if EHR_STATS_KEY in meta:
+            stats.append((name, json.loads(str(meta[EHR_STATS_KEY]))))
+    if not stats:
+        log.info("no site holds EHR: the survival head has no EHR branch")
+        return None
+    stats.sort(key=lambda item: item[0])
+    specs = {name: [tuple(item) for item in s["spec"]] for name, s in stats}
+    first_name, first = next(iter(specs.items()))
+    for name, spec in specs.items():
+        if spec != first:
+            raise ValueError(f"EHR covariates differ between sites: {first_name} has {first}, {name} has {spec}")
+    preprocessor = EhrPreprocessor.from_partial_stats([s for _, s in stats])
+    log.info("EHR from %s: %d features", ", ".join(n for n, _ in stats), preprocessor.n_features)
+    return preprocessor
+
+
+def prognosis(
+    grid: Grid,
+    settings: RunSettings,
+    run: RunDir,
+    backbone: nn.Module,
+    installer: BackboneInstaller,
+    adapters: Mapping[str, np.ndarray],
+    progress: Progress | None,
+) -> PemmaStrategy | None:
+    """Phase ``prognosis``: the survival head (+ EHR encoder) over the final adapters, frozen.
+
+    The global tensors are the whole trainable state (adapters + head) so that
+    ``adapters/round-<n>.safetensors`` stays one self-contained file per round (the EHR
+    preprocessor in its metadata); sites send back only groups ``prognosis`` / ``ehr``.
+    Rounds are numbered after the adapt rounds. On resume the phase starts again from the
+    final adapters (it is short).
+    """
+    if settings.prognosis_rounds < 1:
+        return None
+    preprocessor = agree_ehr_width(grid, settings, installer)
+    spec = replace(settings.model_spec(), survival=True, ehr_features=preprocessor.n_features if preprocessor else 0)
+    torch.manual_seed(settings.seed)
+    model = build_model(spec, backbone)
+    state = {k: v.numpy() for k, v in trainable_state(model).items()}
+    missing = sorted(set(k for k, g in model.param_groups.items() if g not in ("prognosis", "ehr")) - set(adapters))
+    if missing:
+        raise AdapterMismatchError(f"prognosis: the final adapters lack {missing[:3]}...")
+    state.update({k: np.asarray(v, dtype=np.float32) for k, v in adapters.items()})
+    first = max(run.checkpoints("adapt"), default=0) + 1
+    run.forget_phase("prognosis")
+    extra = preprocessor.to_metadata() if preprocessor else {}
+
+    def on_round_end(record: RoundRecord, global_state: dict[str, np.ndarray]) -> None:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in global_state.items()}
+        save_adapters(run.checkpoint("prognosis", record.round), model, tensors, extra_metadata=extra,
+                      provenance={"phase": "prognosis", "round": record.round, "sites": _sites_of(record),
+                                  "aggregated": record.aggregated})
+        run.record_round(record.to_json())
+        if progress:
+            progress(record)
+
+    config: dict[str, Any] = {
+        "local-steps": settings.prognosis_steps,
+        "lr": settings.prognosis_lr,
+        "seed": settings.seed,
+        "model-spec": json.dumps(spec.to_dict()),
+        "fingerprint": model.fingerprint,
+    }
+    if preprocessor:
+        config["ehr-preprocessor"] = json.dumps(preprocessor.to_metadata())
+    strategy = PemmaStrategy(
+        phase="prognosis",
+        global_state=state,
+        groups=model.param_groups,
+        roi_size=spec.roi_size,
+        train_config=config,
+        min_sites=settings.min_sites,
+        max_update_norm=None,
+        wire_dtype=settings.wire_dtype,
+        round_offset=first - 1,
+        evaluate=False,
+        on_round_end=on_round_end,
+        on_round_start=installer,
+    )
+    strategy.node_names.update(installer.installed)
+    strategy.start(grid, state_to_record(state), num_rounds=settings.prognosis_rounds, timeout=settings.round_timeout,
+                   train_config=ConfigRecord(strategy.train_config))
+    return strategy
+
+
 def log_progress(record: RoundRecord) -> None:
     """One line per round: phase, round, wall time, sites (status, loss, Dice)."""
     parts = []
@@ -292,6 +404,8 @@ def log_progress(record: RoundRecord) -> None:
             text += f" loss {site.loss:.3f}"
         if site.dice:
             text += " Dice " + "/".join(f"{m} {v:.3f}" for m, v in site.dice.items())
+        if site.c_index is not None:
+            text += f" C-index {site.c_index:.3f}"
         parts.append(text)
     log.info("[%s round %d, %.1f s] %s%s", record.phase, record.round, record.wall_seconds, "; ".join(parts),
              f" ({record.note})" if record.note else "")
@@ -306,7 +420,8 @@ def run_federation(grid: Grid, settings: RunSettings, progress: Progress | None 
     run.update_run_info(sites=[str(p) for p in sites])
     backbone, fingerprint = obtain_backbone(grid, settings, run, progress)
     installer = install_backbone(grid, settings, backbone, fingerprint)
-    adapt(grid, settings, run, backbone, installer, progress)
+    adapted = adapt(grid, settings, run, backbone, installer, progress)
+    prognosis(grid, settings, run, backbone, installer, adapted.global_state, progress)
     run.update_run_info(wall_seconds=time.perf_counter() - started)
     write_report(run)
     log.info("run folder: %s", run.path)

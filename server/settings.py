@@ -35,6 +35,9 @@ KEYS: dict[str, tuple[str, Any, str]] = {
     "pretrain-rounds": ("pretrain_rounds", 2, "pretrain-ct rounds (0: no pretraining, random backbone)"),
     "pretrain-steps": ("pretrain_steps", 5, "optimiser steps per site per pretrain-ct round"),
     "pretrain-lr": ("pretrain_lr", 2e-3, "pretrain-ct learning rate"),
+    "prognosis-rounds": ("prognosis_rounds", 2, "prognosis rounds after adapt: Cox head (+ EHR encoder) on the frozen adapters (0: none)"),
+    "prognosis-steps": ("prognosis_steps", 10, "full-cohort optimiser steps per site per prognosis round"),
+    "prognosis-lr": ("prognosis_lr", 1e-2, "prognosis learning rate"),
     "backbone-file": ("backbone_file", "", "a pemma backbone file to adapt (skips pretrain-ct)"),
     "wire-dtype": ("wire_dtype", "float32", "float32 | float16: tensors on the wire"),
     "seed": ("seed", 0, "seed of everything (initial tensors, site sampling of crops and modes)"),
@@ -65,6 +68,9 @@ class RunSettings:
     pretrain_rounds: int = 2
     pretrain_steps: int = 5
     pretrain_lr: float = 2e-3
+    prognosis_rounds: int = 2
+    prognosis_steps: int = 10
+    prognosis_lr: float = 1e-2
     backbone_file: str = ""
     wire_dtype: str = "float32"
     seed: int = 0
@@ -76,11 +82,13 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check_wire_dtype(self.wire_dtype)
-        for name in ("rounds", "local_steps", "pretrain_steps", "batch_size", "min_sites"):
+        for name in ("rounds", "local_steps", "pretrain_steps", "prognosis_steps", "batch_size", "min_sites"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.pretrain_rounds < 0:
             raise ValueError(f"pretrain-rounds must be >= 0, got {self.pretrain_rounds}")
+        if self.prognosis_rounds < 0:
+            raise ValueError(f"prognosis-rounds must be >= 0, got {self.prognosis_rounds}")
         self.model_spec()  # validates backbone/preset/adapter/rank/alpha
 
     @classmethod

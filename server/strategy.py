@@ -16,8 +16,11 @@ changes only what happens to the replies:
   example-weighted mean over the sites that sent it, in float64 whatever the wire
   dtype), over the updates sorted by site name so that a run is reproducible.
 
-The same class runs both phases: ``pretrain-ct`` (FedAvg of the whole CT backbone: one
-group, ``backbone``) and ``adapt`` (PEMMA adapters with their parameter groups).
+The same class runs every phase: ``pretrain-ct`` (FedAvg of the whole CT backbone: one
+group, ``backbone``), ``adapt`` (PEMMA adapters with their parameter groups) and
+``prognosis`` (the survival head and EHR encoder on the frozen adapters; sites send only
+groups ``prognosis`` / ``ehr``, weighted by their event counts, plus the C-index of their
+held-out split, which the round record keeps per site).
 Everything each round produced is kept in :attr:`PemmaStrategy.rounds` as a
 :class:`RoundRecord`; :attr:`on_round_end` (if set) is called with it once the round's
 evaluation is in, which is where the server app writes checkpoints and metrics.
@@ -41,9 +44,9 @@ from pemma_core.aggregate import SiteUpdate, aggregate_adapters, validate_update
 
 log = logging.getLogger("flwr.pemma")  # a child of Flower's logger: same handlers, streamed by `flwr run --stream`
 
-PHASES = ("pretrain-ct", "adapt")
+PHASES = ("pretrain-ct", "adapt", "prognosis")
 # Message types: the client registers one handler per phase (client/client_app.py).
-TRAIN_MESSAGE_TYPE = {"pretrain-ct": "train.pretrain_ct", "adapt": "train"}
+TRAIN_MESSAGE_TYPE = {"pretrain-ct": "train.pretrain_ct", "adapt": "train", "prognosis": "train.prognosis"}
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
 
 
@@ -62,6 +65,7 @@ class SiteReport:
     loss: float | None = None
     examples: dict[str, int] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
+    c_index: float | None = None  # prognosis: C-index on the site's held-out split
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -76,6 +80,8 @@ class SiteReport:
             "examples": dict(self.examples),
             "dice": dict(self.dice),
         }
+        if self.c_index is not None:
+            out["c_index"] = self.c_index
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -137,7 +143,7 @@ class PemmaStrategy(FedAvg):
 
     Parameters
     ----------
-    phase: ``"pretrain-ct"`` or ``"adapt"``.
+    phase: ``"pretrain-ct"``, ``"adapt"`` or ``"prognosis"``.
     global_state: the global tensors at the start (float32 numpy arrays).
     groups: tensor name -> parameter group (one group ``backbone`` in pretrain-ct).
     roi_size: the model's crop, for the image-like-shape check.
@@ -260,7 +266,7 @@ class PemmaStrategy(FedAvg):
             f"site {name!r}: {p}" for p in wire.payload_problems(arrays, self.global_state, self.roi_size, metrics, meta)
         ]
         fingerprint = self.train_config.get("fingerprint")
-        if self.phase == "adapt" and fingerprint and meta.get("fingerprint") != fingerprint:
+        if self.phase != "pretrain-ct" and fingerprint and meta.get("fingerprint") != fingerprint:
             reasons.append(f"site {name!r}: trained on backbone {str(meta.get('fingerprint'))[:12]}..., not {fingerprint[:12]}...")
         tensors = record_to_state(arrays)
         for key, array in tensors.items():
@@ -283,6 +289,7 @@ class PemmaStrategy(FedAvg):
         start = time.perf_counter()
         accepted: list[SiteUpdate] = []
         losses: list[tuple[float, int]] = []
+        c_indices: list[tuple[float, int]] = []
         replied: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -306,6 +313,9 @@ class PemmaStrategy(FedAvg):
             if "loss" in metrics:
                 report.loss = float(metrics["loss"])
                 losses.append((report.loss, int(metrics.get("num-examples", 1))))
+            if "c-index" in metrics:
+                report.c_index = float(metrics["c-index"])
+                c_indices.append((report.c_index, int(metrics.get("cases-survival", 1))))
             accepted.append(update)
         for node, report in record.sites.items():
             if node not in replied:  # timed out or disconnected: Flower returned no reply
@@ -325,6 +335,8 @@ class PemmaStrategy(FedAvg):
         record.aggregated = True
         total = sum(n for _, n in losses) or 1
         record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
+        if c_indices:  # case-weighted mean of the sites' held-out C-indices
+            record.train_metrics["c-index"] = sum(c * n for c, n in c_indices) / max(1, sum(n for _, n in c_indices))
         record.aggregation_seconds = time.perf_counter() - start
         log.info(
             "round %d (%s): aggregated %d of %d sites%s",

@@ -3,15 +3,24 @@
 ::
 
     pemma predict --run RUN_DIR --ct CT.nii.gz [--pet PET.nii.gz] --out MASK.nii.gz
+                  [--ehr ROW.csv | --clinical CLINICAL.csv --case-id ID]
 
 The mode is ``ctpet`` with a PET, ``ct`` without (``--mode`` to choose). The image is
 preprocessed like a site's data (:func:`pemma_core.data.load_for_inference`) and the
 mask written back on the original CT grid (:func:`pemma_core.data.write_prediction`).
+
+When the run's adapters carry a survival head (a ``prognosis`` phase ran), the risk score
+(Cox log relative hazard, higher = shorter expected survival) of the tumour-centred crop
+is printed and written to ``<MASK>.risk.json``. With an EHR branch the covariates come
+from ``--ehr`` (a CSV whose one row holds them) or ``--clinical`` + ``--case-id``,
+preprocessed with the run's EHR preprocessor (kept in the adapter file's metadata);
+without them the EHR term is left out, as at a site without EHR.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,25 +32,34 @@ HELP = "segment a CT (+PET) case with a run's adapters; the mask is written on t
 
 def load_run_model(run_dir: str | Path, round_: int | None = None):  # -> SegmentationModel
     """The PEMMA model of a run folder: its backbone with the adapters of ``round_`` (default: last)."""
-    from pemma_core.adapters import load_adapters, load_backbone
+    from pemma_core.adapters import load_adapters, load_backbone, read_adapter_file
     from pemma_core.model import ModelSpec, build_model
     from simulation.run_dir import RunDir
 
     run = RunDir(run_dir)
     if not run.backbone_file.exists():
         raise FileNotFoundError(f"{run.path} is not a run folder: {run.backbone_file.name} missing")
-    files = run.checkpoints("adapt")
+    files = {**run.checkpoints("adapt"), **run.checkpoints("prognosis")}
     if not files:
         raise FileNotFoundError(f"{run.path}: no adapters/round-<n>.safetensors yet")
     chosen = max(files) if round_ is None else round_
     if chosen not in files:
         raise FileNotFoundError(f"{run.path}: no adapters for round {chosen} (have {sorted(files)})")
     backbone, _ = load_backbone(run.backbone_file)
+    metadata = read_adapter_file(files[chosen])[1]
     settings = run.read_json(run.run_json, {})
-    spec = ModelSpec.from_dict(settings["model_spec"]) if "model_spec" in settings else backbone.pemma_spec
+    if "spec" in metadata:  # the file's own spec: a prognosis round adds the survival head
+        spec = ModelSpec.from_dict(json.loads(metadata["spec"]))
+    else:
+        spec = ModelSpec.from_dict(settings["model_spec"]) if "model_spec" in settings else backbone.pemma_spec
     model = build_model(spec, backbone)
     load_adapters(files[chosen], model)  # refuses adapters of another backbone
     model.eval()
+    model.ehr_preprocessor = None
+    if spec.ehr_features:
+        from pemma_core.clinical import EhrPreprocessor
+
+        model.ehr_preprocessor = EhrPreprocessor.from_metadata(metadata)
     return model
 
 
@@ -68,7 +86,11 @@ def predict_files(
     round_: int | None = None,
     spacing: Sequence[float] | None = None,
     device: str = "cpu",
-) -> Path:
+    ehr_csv: Path | None = None,
+    clinical: Path | None = None,
+    case_id: str | None = None,
+) -> tuple[Path, dict | None]:
+    """Write the mask; with a survival head also ``<out>.risk.json``. Returns (mask, risk info or None)."""
     from pemma_core.data import load_for_inference, write_prediction
     from pemma_core.train import predict_volume
 
@@ -76,7 +98,60 @@ def predict_files(
     mode = mode or ("ctpet" if ct is not None and pet is not None else "pet" if ct is None else "ct")
     image, meta = load_for_inference(ct, pet, tuple(spacing) if spacing else run_spacing(run_dir))
     mask = predict_volume(model, image, mode, device)
-    return write_prediction(mask[0, 0], meta, out)
+    written = write_prediction(mask[0, 0], meta, out)
+    if not getattr(model.spec, "survival", False):
+        return written, None
+    info = predict_risk_of(model, image, mask, mode, read_ehr_row(model, ehr_csv, clinical, case_id))
+    risk_file = written.with_name(written.name.removesuffix(".gz").removesuffix(".nii") + ".risk.json")
+    risk_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    info["file"] = str(risk_file)
+    return written, info
+
+
+def read_ehr_row(model, ehr_csv: Path | None, clinical: Path | None, case_id: str | None):  # -> pd.DataFrame | None
+    """The covariate row of the case (``--ehr`` one-row CSV, or ``--clinical`` + ``--case-id``)."""
+    import pandas as pd
+
+    if ehr_csv is None and clinical is None:
+        return None
+    if model.ehr_preprocessor is None:
+        raise ValueError("this run's survival head has no EHR branch: drop --ehr / --clinical")
+    if ehr_csv is not None:
+        table = pd.read_csv(ehr_csv, dtype=str, keep_default_na=False)
+        if len(table) != 1:
+            raise ValueError(f"--ehr {ehr_csv}: expected one row of covariates, found {len(table)}")
+        row = table
+    else:
+        if case_id is None:
+            raise ValueError("--clinical needs --case-id")
+        table = pd.read_csv(clinical, dtype=str, keep_default_na=False)
+        id_column = "case_id" if "case_id" in table.columns else table.columns[0]
+        row = table[table[id_column] == case_id]
+        if len(row) != 1:
+            raise ValueError(f"--clinical {clinical}: case {case_id!r} has {len(row)} row(s) in column {id_column!r}")
+    absent = [c for c in model.ehr_preprocessor.spec if c not in row.columns]
+    if absent:
+        raise ValueError(f"EHR covariate(s) {absent} absent from the row (columns: {list(row.columns)})")
+    row = row.reset_index(drop=True).copy()
+    for name, kind in model.ehr_preprocessor.spec.items():  # numeric text -> numbers, blanks -> missing
+        cells = row[name].replace({"": None})
+        row[name] = pd.to_numeric(cells, errors="raise") if kind == "numeric" else cells
+    return row
+
+
+def predict_risk_of(model, image, mask, mode: str, ehr_row) -> dict:
+    """Risk of the crop around the predicted tumour (the image centre when nothing is predicted)."""
+    import torch
+
+    from pemma_core.prognosis import Cohort, crop_around_tumour, predict_risk
+
+    crop = crop_around_tumour(image[0], mask[0].float(), model.roi_size)
+    ehr = torch.as_tensor(model.ehr_preprocessor.transform(ehr_row)) if ehr_row is not None else None
+    cohort = Cohort(image=crop[None].float(), time=torch.zeros(1), event=torch.zeros(1), ehr=ehr)
+    risk = float(predict_risk(model, cohort, mode, omit_ehr=True)[0])
+    ehr_used = "yes" if ehr is not None else ("no branch" if not model.spec.ehr_features else "omitted (no --ehr)")
+    return {"risk": risk, "mode": mode, "ehr": ehr_used,
+            "meaning": "Cox log relative hazard; higher = shorter expected survival (relative, not calibrated)"}
 
 
 def write_overlay(run, sites: Sequence[Path]) -> Path:
@@ -91,7 +166,9 @@ def write_overlay(run, sites: Sequence[Path]) -> Path:
     configs = [load_site_config(p) for p in sites]
     config = next((c for c in configs if c.has_ct and c.has_pet), configs[0])
     # Show the mode that did best at that site in the last round (ctpet when nothing was evaluated).
-    last = (run.metrics()["rounds"] or [{}])[-1]
+    from simulation.run_dir import phase_rounds
+
+    last = (phase_rounds(run.metrics(), "adapt") or [{}])[-1]
     dice = next((s.get("dice", {}) for s in last.get("sites", []) if s["name"] == config.name), {})
     default = "ctpet" if config.has_pet and config.has_ct else ("ct" if config.has_ct else "pet")
     mode = max(dice, key=dice.get) if dice else default
@@ -115,6 +192,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="resampling spacing in mm (default: the run's sites')")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--ehr", type=Path, metavar="ROW.csv",
+                        help="a CSV with one row of the case's EHR covariates (runs whose head has an EHR branch)")
+    parser.add_argument("--clinical", type=Path, metavar="CSV", help="a clinical CSV holding the case (with --case-id)")
+    parser.add_argument("--case-id", help="the case's id in --clinical")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,9 +203,12 @@ def run(args: argparse.Namespace) -> int:
         print("pemma predict: give --ct (and optionally --pet)", file=sys.stderr)
         return 2
     try:
-        out = predict_files(args.run, args.ct, args.pet, args.out, args.mode, args.round, args.spacing, args.device)
-    except (FileNotFoundError, ValueError) as exc:
+        out, risk = predict_files(args.run, args.ct, args.pet, args.out, args.mode, args.round, args.spacing, args.device,
+                                  args.ehr, args.clinical, args.case_id)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"pemma predict: {exc}", file=sys.stderr)
         return 2
     print(out)
+    if risk is not None:
+        print(f"risk {risk['risk']:.4f} (mode {risk['mode']}, EHR {risk['ehr']}; higher = shorter expected survival) -> {risk['file']}")
     return 0

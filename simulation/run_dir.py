@@ -7,9 +7,12 @@
       federation/                    the phantom federation, when no site YAML was given
       backbone.safetensors           the frozen CT backbone (pretrain-ct result or --backbone-file)
       pretrain/round-<n>.safetensors CT backbone after pretraining round n
-      adapters/round-<n>.safetensors global adapters after adapt round n (round-0: initial);
+      adapters/round-<n>.safetensors global adapters after adapt round n (round-0: initial),
+                                     then, numbered on, after each prognosis round (the same
+                                     adapters + survival head / EHR encoder; metadata also
+                                     holds the EHR preprocessor, ``pemma.ehr_preprocessor``);
                                      metadata: fingerprint, spec, groups, provenance
-                                     (round, participating sites)
+                                     (phase, round, participating sites)
       metrics.json                   {"run": {...}, "pretrain_rounds": [...], "rounds": [...]}
       report.md                      summary, Dice-per-round plot, a prediction overlay
       plots/dice.png, plots/overlay.png
@@ -23,7 +26,9 @@ Each item of ``rounds`` (and ``pretrain_rounds``) holds ``phase``, ``round``,
 tensors to collecting every reply, aggregation included), ``aggregation_seconds``,
 ``aggregated``, ``note`` and ``sites``: one entry per site with ``name``, ``status``
 (ok / rejected / failed), ``reason``, ``bytes_up``, ``bytes_down``, ``train_seconds``,
-``setup_seconds``, ``loss``, ``examples`` (per group) and ``dice`` (per evaluated mode).
+``setup_seconds``, ``loss``, ``examples`` (per group) and ``dice`` (per evaluated mode),
+and in ``prognosis`` rounds (in ``rounds`` too, ``phase: "prognosis"``) ``c_index`` (the
+site's held-out split, where it could be computed).
 """
 
 from __future__ import annotations
@@ -38,7 +43,17 @@ from typing import Any
 
 import numpy as np
 
-PHASE_LISTS = {"pretrain-ct": "pretrain_rounds", "adapt": "rounds"}
+PHASE_LISTS = {"pretrain-ct": "pretrain_rounds", "adapt": "rounds", "prognosis": "rounds"}
+
+
+def _phase_of(record: Mapping[str, Any], key: str) -> str:
+    return str(record.get("phase") or ("pretrain-ct" if key == "pretrain_rounds" else "adapt"))
+
+
+def phase_rounds(metrics: Mapping[str, Any], phase: str) -> list[dict[str, Any]]:
+    """The ``metrics.json`` entries of one phase (adapt and prognosis share ``rounds``)."""
+    key = PHASE_LISTS[phase]
+    return [r for r in metrics.get(key, []) if _phase_of(r, key) == phase]
 
 
 class RunDir:
@@ -73,16 +88,21 @@ class RunDir:
         return self.path / "plots"
 
     def checkpoint(self, phase: str, round_: int) -> Path:
-        folder = "adapters" if phase == "adapt" else "pretrain"
+        folder = "pretrain" if phase == "pretrain-ct" else "adapters"
         return self.path / folder / f"round-{round_}.safetensors"
 
     def checkpoints(self, phase: str) -> dict[int, Path]:
-        folder = self.path / ("adapters" if phase == "adapt" else "pretrain")
+        """Checkpoint files of ``phase`` by round. ``adapters/`` holds adapt and prognosis
+        rounds: a file is prognosis's once ``metrics.json`` records its round as such."""
+        folder = self.path / ("pretrain" if phase == "pretrain-ct" else "adapters")
         out: dict[int, Path] = {}
         for file in folder.glob("round-*.safetensors"):
             match = re.fullmatch(r"round-(\d+)\.safetensors", file.name)
             if match:
                 out[int(match.group(1))] = file
+        if phase != "pretrain-ct":
+            prognosis = {r["round"] for r in phase_rounds(self.metrics(), "prognosis")}
+            out = {n: f for n, f in out.items() if (n in prognosis) == (phase == "prognosis")}
         return dict(sorted(out.items()))
 
     # ------------------------------------------------------------ json
@@ -107,7 +127,7 @@ class RunDir:
     def record_round(self, record: Mapping[str, Any]) -> None:
         """Add (or replace) one round's entry in ``metrics.json``."""
         data = self.metrics()
-        items = [r for r in data[PHASE_LISTS[record["phase"]]] if r["round"] != record["round"]]
+        items = [r for r in data[PHASE_LISTS[record["phase"]]] if r["round"] != record["round"]]  # one entry per round number
         items.append(dict(record))
         data[PHASE_LISTS[record["phase"]]] = sorted(items, key=lambda r: r["round"])
         self.write_json(self.metrics_json, data)
@@ -120,20 +140,25 @@ class RunDir:
     def last_finished_round(self, phase: str) -> int:
         """Highest round with both its checkpoint and its metrics entry (0 if none; adapt
         round 0 is the initial adapters, which need no metrics entry)."""
-        recorded = {r["round"] for r in self.metrics()[PHASE_LISTS[phase]]}
+        recorded = {r["round"] for r in phase_rounds(self.metrics(), phase)}
         files = self.checkpoints(phase)
         done = [n for n in files if n in recorded]
         return max(done, default=0)
 
     def forget_after(self, phase: str, round_: int) -> None:
         """Drop entries and checkpoints of ``phase`` after ``round_`` (an interrupted round)."""
+        files = self.checkpoints(phase)
         data = self.metrics()
         key = PHASE_LISTS[phase]
-        data[key] = [r for r in data[key] if r["round"] <= round_]
+        data[key] = [r for r in data[key] if r["round"] <= round_ or _phase_of(r, key) != phase]
         self.write_json(self.metrics_json, data)
-        for n, file in self.checkpoints(phase).items():
+        for n, file in files.items():
             if n > round_:
                 file.unlink()
+
+    def forget_phase(self, phase: str) -> None:
+        """Drop every entry and checkpoint of ``phase`` (prognosis reruns after adapt)."""
+        self.forget_after(phase, -1)
 
 
 def _json_default(value: Any) -> Any:
@@ -159,7 +184,7 @@ def overhead_share(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str
     ``flower_and_aggregation``, is message passing, (de)serialisation, validation and
     aggregation. Shares are fractions of ``train_wall``.
     """
-    rounds = metrics.get(PHASE_LISTS[phase], [])
+    rounds = phase_rounds(metrics, phase)
     wall = sum(float(r.get("train_wall_seconds", 0.0)) for r in rounds)
     train = sum(float(s.get("train_seconds", 0.0)) for r in rounds for s in r.get("sites", []))
     setup = sum(float(s.get("setup_seconds", 0.0)) for r in rounds for s in r.get("sites", []))
@@ -181,7 +206,7 @@ def overhead_share(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str
 def bytes_per_site(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str, float]:
     """Mean bytes sent up per round, per site (tensor data only)."""
     totals: dict[str, list[int]] = {}
-    for r in metrics.get(PHASE_LISTS[phase], []):
+    for r in phase_rounds(metrics, phase):
         for s in r.get("sites", []):
             if s.get("status") == "ok":
                 totals.setdefault(s["name"], []).append(int(s.get("bytes_up", 0)))
@@ -291,8 +316,8 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
     if info.get("fingerprint"):
         lines.append(f"Backbone fingerprint `{info['fingerprint'][:16]}...` ({info.get('backbone_source', '')}).")
     lines.append("")
-    for phase, key in (("pretrain-ct", "pretrain_rounds"), ("adapt", "rounds")):
-        rounds = metrics.get(key, [])
+    for phase in ("pretrain-ct", "adapt"):
+        rounds = phase_rounds(metrics, phase)
         if not rounds:
             continue
         lines += [f"## {phase}", "", "| round | wall s | site | status | loss | train s | bytes up | Dice |",
@@ -309,6 +334,23 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                 )
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {r['note']} | | | | |")
+        lines.append("")
+    prognosis = phase_rounds(metrics, "prognosis")
+    if prognosis:
+        lines += ["## prognosis", "",
+                  "Cox head (+ EHR encoder) on the frozen adapters; C-index on each site's held-out split "
+                  "(- where it has no comparable pair).", "",
+                  "| round | wall s | site | status | loss | events | C-index |", "|---|---|---|---|---|---|---|"]
+        for r in prognosis:
+            for i, s in enumerate(r.get("sites", [])):
+                status = s.get("status", "") + (f": {s['reason'][:200]}" if s.get("reason") else "")
+                events = max(s.get("examples", {}).values(), default=0)
+                lines.append(f"| {r['round'] if i == 0 else ''} | {_fmt(r.get('wall_seconds'), 1) if i == 0 else ''} | "
+                             f"{s['name']} | {status} | {_fmt(s.get('loss'))} | {events} | {_fmt(s.get('c_index'))} |")
+            if "c-index" in r.get("train_metrics", {}):
+                lines.append(f"| {r['round']} | | mean | | | | {r['train_metrics']['c-index']:.3f} |")
+            if r.get("note"):
+                lines.append(f"| {r['round']} | | | {r['note']} | | | |")
         lines.append("")
     if dice_png:
         lines += ["## Dice per round", "", f"![Dice per round]({dice_png.relative_to(run.path)})", ""]
@@ -337,6 +379,7 @@ __all__ = [
     "RunDir",
     "bytes_per_site",
     "overhead_share",
+    "phase_rounds",
     "plot_dice",
     "plot_overlay",
     "write_report",

@@ -1,7 +1,8 @@
 """``pemma simulate``: a whole federation on this machine, on Flower's simulation engine.
 
 With no argument it writes the default phantom federation (3 sites: CT, CT+PET,
-CT+PET+EHR) into the run folder, runs ``pretrain-ct`` then ``adapt`` through the same
+CT+PET+EHR) into the run folder, runs ``pretrain-ct``, ``adapt`` then ``prognosis`` (the
+Cox head, with the EHR branch of site-3, on the frozen adapters) through the same
 ServerApp and ClientApp that ``flwr run .`` and a deployment use, prints one line per
 round, and leaves the run folder described in :mod:`simulation.run_dir` (adapters per
 round, backbone, ``metrics.json``, ``report.md`` with a Dice plot and a prediction
@@ -19,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-HELP = "run a federation on this machine (Flower simulation engine): pretrain-ct then adapt, with a report"
+HELP = "run a federation on this machine (Flower simulation engine): pretrain-ct, adapt, prognosis, with a report"
 
 # Demo-sized defaults for `pemma simulate` (the run config in pyproject.toml keeps its own).
 SIMULATE_DEFAULTS: dict[str, Any] = {
@@ -28,6 +29,8 @@ SIMULATE_DEFAULTS: dict[str, Any] = {
     "pretrain_rounds": 3,
     "pretrain_steps": 10,
     "phantom_cases": 6,
+    "prognosis_rounds": 2,
+    "prognosis_steps": 10,
 }
 
 
@@ -42,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-rounds", type=int,
                         help=f"pretrain-ct rounds (default {SIMULATE_DEFAULTS['pretrain_rounds']}; ignored with --backbone-file)")
     parser.add_argument("--pretrain-steps", type=int, help=f"steps per site per pretrain-ct round (default {SIMULATE_DEFAULTS['pretrain_steps']})")
+    parser.add_argument("--prognosis-rounds", type=int,
+                        help=f"prognosis rounds after adapt (default {SIMULATE_DEFAULTS['prognosis_rounds']}; 0: none)")
+    parser.add_argument("--prognosis-steps", type=int,
+                        help=f"steps per site per prognosis round (default {SIMULATE_DEFAULTS['prognosis_steps']})")
     parser.add_argument("--wire-dtype", choices=("float32", "float16"), help="tensor dtype on the wire (default float32)")
     parser.add_argument("--seed", type=int, help="seed (default 0)")
     parser.add_argument("--min-sites", type=int, help="fewest accepted replies for a round to aggregate (default 2)")
@@ -78,6 +85,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "local_steps": args.local_steps, "pretrain_rounds": args.pretrain_rounds, "pretrain_steps": args.pretrain_steps,
         "wire_dtype": args.wire_dtype, "seed": args.seed, "min_sites": args.min_sites,
         "max_update_norm": args.max_update_norm, "phantom_cases": args.phantom_cases,
+        "prognosis_rounds": args.prognosis_rounds, "prognosis_steps": args.prognosis_steps,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     if args.sites:
@@ -104,6 +112,8 @@ def _quiet_flower(verbose: bool) -> None:
 def print_round(record: Any) -> None:
     """Progress: one line per round (phase, round, wall time), one per site."""
     head = f"[{record.phase} round {record.round}] {record.wall_seconds:.1f} s"
+    if "c-index" in record.train_metrics:
+        head += f"  mean C-index {record.train_metrics['c-index']:.3f}"
     if record.eval_metrics:
         head += "  mean Dice " + ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in record.eval_metrics.items())
     if record.note:
@@ -115,6 +125,8 @@ def print_round(record: Any) -> None:
             line += f" loss {site.loss:.3f}  train {site.train_seconds:.1f} s  up {site.bytes_up / 1024:.0f} KiB"
         if site.dice:
             line += "  Dice " + " ".join(f"{m} {v:.3f}" for m, v in site.dice.items())
+        if site.c_index is not None:
+            line += f"  C-index {site.c_index:.3f}"
         if site.reason:
             line += f"  {site.reason[:120]}"
         print(line, flush=True)
@@ -139,7 +151,8 @@ def simulate(settings: Any, verbose: bool = False) -> Path:
     cpus = max(1, os.cpu_count() or 1)
     started = time.perf_counter()
     print(f"pemma simulate: {len(sites)} sites, {settings.backbone}/{settings.preset} + {settings.adapter}, "
-          f"{settings.pretrain_rounds} pretrain-ct + {settings.rounds} adapt rounds -> {settings.run_dir}", flush=True)
+          f"{settings.pretrain_rounds} pretrain-ct + {settings.rounds} adapt + {settings.prognosis_rounds} prognosis rounds "
+          f"-> {settings.run_dir}", flush=True)
     run_simulation(
         server_app=make_server_app(overrides, progress=print_round),
         client_app=make_client_app(overrides),
@@ -172,14 +185,21 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     path = simulate(settings, verbose=args.verbose)
-    from simulation.run_dir import RunDir, overhead_share
+    from simulation.run_dir import RunDir, overhead_share, phase_rounds
 
     metrics = RunDir(path).metrics()
-    last = metrics["rounds"][-1]
+    last = phase_rounds(metrics, "adapt")[-1]
     share = overhead_share(metrics)
     print(f"\ndone in {time.perf_counter() - started:.0f} s: {path}")
     if last.get("eval_metrics"):
         print("final mean Dice: " + ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in last["eval_metrics"].items()))
+    prognosis = phase_rounds(metrics, "prognosis")
+    if prognosis:
+        final = prognosis[-1]
+        per_site = ", ".join(f"{s['name']} {s['c_index']:.3f}" for s in final["sites"] if s.get("c_index") is not None)
+        mean = final.get("train_metrics", {}).get("c-index")
+        print("final prognosis C-index (held-out splits): " + (per_site or "none computable")
+              + (f"; mean {mean:.3f}" if mean is not None else ""))
     if share.get("rounds"):
         print(f"time outside local training: {share['overhead_share']:.0%} of the adapt rounds' train wall time")
     print(f"report: {path / 'report.md'}")

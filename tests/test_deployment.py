@@ -66,6 +66,7 @@ RUN_CONFIG = {
     "min-sites": len(HOSPITALS),
     "round-timeout": 120.0,
     "evaluate": False,
+    "prognosis-rounds": 0,  # the prognosis phase is covered in-process (test_simulation_federation.py)
 }
 STARTUP_TIMEOUT = 45.0
 RUN_TIMEOUT = 300.0

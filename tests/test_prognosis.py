@@ -121,3 +121,29 @@ def test_federated_head_with_one_site_equals_local_rounds():
     for name, p in federated.named_parameters():
         if name in head:
             torch.testing.assert_close(p, head[name])
+
+
+def test_a_cohort_without_ehr_trains_only_the_image_term():
+    from pemma_core.adapters import trainable_state
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(survival=True, ehr_features=2))
+    before = {k: v.clone() for k, v in trainable_state(model).items()}
+    result = train_survival(model, _cohort(n=6), ["ct"], steps=2, omit_ehr=True)
+    assert set(result.examples) == {"prognosis"}
+    after = trainable_state(model)
+    groups = model.param_groups
+    assert all(torch.equal(before[k], after[k]) for k in before if groups[k] == "ehr")
+    assert any(not torch.equal(before[k], after[k]) for k in before if groups[k] == "prognosis")
+
+
+def test_site_covariates_must_match_the_federation_spec(phantom_federation):
+    from pemma_core.clinical import EhrPreprocessor
+    from pemma_core.prognosis import check_site_covariates, site_ehr_stats
+    from pemma_core.site import load_site_config
+
+    ehr_site, ct_site = (load_site_config(p) for p in (phantom_federation.site_yamls[2], phantom_federation.site_yamls[0]))
+    preprocessor = EhrPreprocessor.from_partial_stats([site_ehr_stats(ehr_site)])
+    check_site_covariates(ehr_site, preprocessor)
+    with pytest.raises(ValueError, match="'age' \\(numeric\\)"):
+        check_site_covariates(ct_site, preprocessor)

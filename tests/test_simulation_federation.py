@@ -1,7 +1,8 @@
 """The pemma ServerApp + ClientApp on a phantom federation, in one process (InProcessGrid).
 
-Covers what crosses the wire (every message inspected), faulty sites (raising, NaN,
-extra tensor, min-sites), resume equivalence, and the run folder's checkpoints.
+Covers what crosses the wire (every message inspected, prognosis phase included), faulty
+sites (raising, NaN, extra tensor, min-sites), resume equivalence, the run folder's
+checkpoints, and the prognosis phase (per-group head aggregation, EHR agreement, predict).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def backbone_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings_for(run_dir: Path, federation: list[Path], **changes) -> RunSettings:
     values = dict(
         run_dir=str(run_dir), site_configs=",".join(map(str, federation)), rounds=1, local_steps=1, batch_size=1, pretrain_rounds=0,
-        evaluate=False, min_sites=2,
+        evaluate=False, min_sites=2, prognosis_rounds=0,
     )
     values.update(changes)
     return RunSettings(**values)
@@ -94,7 +95,7 @@ def site_entries(run: RunDir, round_: int = 1) -> dict[str, dict]:
 
 def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federation: list[Path]) -> None:
     settings = settings_for(tmp_path / "run", federation, pretrain_rounds=1, pretrain_steps=1, rounds=1, local_steps=3, evaluate=True,
-                            wire_dtype="float16")
+                            wire_dtype="float16", prognosis_rounds=1, prognosis_steps=2)
     run_dir, grid = run(settings)
     case_ids = []
     for site in federation:
@@ -106,12 +107,13 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
     groups = json.loads(read_adapter_file(run_dir.checkpoint("adapt", 1))[1]["groups"])
     replies = [x for x in grid.transcript if x.reply is not None]
     assert {x.instruction.metadata.message_type for x in replies} == {
-        "train.pretrain_ct", "query.install_backbone", "train", "evaluate"
+        "train.pretrain_ct", "query.install_backbone", "train", "evaluate", "query.ehr_stats", "train.prognosis"
     }
+    head_groups = json.loads(read_adapter_file(run_dir.checkpoint("prognosis", 2))[1]["groups"])
     for exchange in replies:
         reply = exchange.reply
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        sent_keys = set(exchange.instruction.content["arrays"].keys())
+        sent_keys = set(exchange.instruction.content.array_records.get("arrays", {}).keys())
         arrays = reply.content["arrays"]
         metrics = dict(reply.content["metrics"])
         meta = dict(reply.content["meta"])
@@ -129,8 +131,71 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
                 assert sent_groups == {"shared", "ct"}
             else:
                 assert sent_groups <= {"shared", "ct", "pet", "fusion"}
+        if exchange.instruction.metadata.message_type == "query.ehr_stats":  # aggregates, only where EHR is held
+            assert ("ehr-stats" in meta) == (meta["site"] == "site-3") and not arrays
+        if exchange.instruction.metadata.message_type == "train.prognosis":
+            sent_groups = {head_groups[k] for k in arrays.keys()}
+            assert sent_groups == {k.removeprefix("examples-") for k in metrics if k.startswith("examples-")}
+            # the CT-only / no-EHR sites leave the EHR term out: never an ehr tensor
+            assert sent_groups == ({"prognosis", "ehr"} if meta["site"] == "site-3" else {"prognosis"})
+            assert all(isinstance(v, (int, float)) for v in metrics.values())  # no per-patient list
     bytes_up = {s["name"]: s["bytes_up"] for s in site_entries(run_dir).values()}
     assert 0 < bytes_up["site-1"] < bytes_up["site-2"]
+
+
+def test_prognosis_round_aggregates_the_head_and_predict_gives_a_risk(
+    tmp_path: Path, federation: list[Path], backbone_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pemma_core.aggregate import SiteUpdate, aggregate_adapters
+    from pemma_core.cli import main
+    from pemma_core.clinical import METADATA_KEY
+
+    settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), prognosis_rounds=1,
+                            prognosis_steps=3)
+    run_dir, grid = run(settings)
+    record = run_dir.metrics()["rounds"][-1]
+    assert (record["phase"], record["round"], record["aggregated"]) == ("prognosis", 2, True)
+    tensors, metadata = read_adapter_file(run_dir.checkpoint("prognosis", 2))
+    spec = json.loads(metadata["spec"])
+    assert spec["survival"] and spec["ehr_features"] > 0 and METADATA_KEY in metadata
+    groups = json.loads(metadata["groups"])
+    exchanges = [x for x in grid.transcript if x.instruction.metadata.message_type == "train.prognosis"]
+    sent = {k: a.numpy() for k, a in exchanges[0].instruction.content["arrays"].items()}
+    updates = sorted(
+        (SiteUpdate(site=x.reply.content["meta"]["site"],
+                    tensors={k: a.numpy() for k, a in x.reply.content["arrays"].items()},
+                    examples={k.removeprefix("examples-"): int(v) for k, v in x.reply.content["metrics"].items()
+                              if k.startswith("examples-")})
+         for x in exchanges),
+        key=lambda u: u.site,
+    )
+    expected = aggregate_adapters(sent, [u for u in updates if u.tensors], groups)
+    for key, value in expected.items():
+        np.testing.assert_allclose(tensors[key].numpy(), value, rtol=1e-6, atol=1e-7)
+    adapt_final, _ = read_adapter_file(run_dir.checkpoint("adapt", 1))
+    assert all(torch.equal(adapt_final[k], tensors[k]) for k in adapt_final)  # adapters frozen
+    assert any(groups[k] == "ehr" for k in updates[2].tensors) and not any(groups[k] == "ehr" for k in updates[0].tensors)
+    assert "## prognosis" in run_dir.report.read_text() and "C-index" in run_dir.report.read_text()
+
+    case = next((federation[2].parent / "cases").iterdir())
+    mask = tmp_path / "mask.nii.gz"
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run_dir.path), "--ct", str(case / "ct.nii.gz"), "--pet", str(case / "pet.nii.gz"),
+                 "--out", str(mask), "--clinical", str(federation[2].parent / "clinical.csv"), "--case-id", case.name]) == 0
+    out = capsys.readouterr().out
+    assert "risk " in out and "EHR yes" in out
+    risk = json.loads((tmp_path / "mask.risk.json").read_text())
+    assert np.isfinite(risk["risk"]) and risk["ehr"] == "yes"
+    assert main(["predict", "--run", str(run_dir.path), "--ct", str(case / "ct.nii.gz"), "--out", str(mask)]) == 0
+    assert "EHR omitted" in capsys.readouterr().out
+
+
+def test_without_an_ehr_site_the_head_has_no_ehr_branch(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    settings = settings_for(tmp_path / "run", federation[:2], backbone_file=str(backbone_file), prognosis_rounds=1,
+                            prognosis_steps=1)
+    run_dir, _ = run(settings)
+    _, metadata = read_adapter_file(run_dir.checkpoint("prognosis", 2))
+    assert json.loads(metadata["spec"])["ehr_features"] == 0 and "ehr" not in json.loads(metadata["groups"]).values()
 
 
 # ------------------------------------------------------------------------- faults

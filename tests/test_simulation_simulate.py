@@ -22,21 +22,27 @@ def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("simulate") / "run"
     done = pemma("simulate", "--rounds", "2", "--pretrain-rounds", "1", "--local-steps", "1", "--pretrain-steps", "1",
-                 "--phantom-cases", "3", "--wire-dtype", "float16", "--out", str(out))
+                 "--phantom-cases", "3", "--wire-dtype", "float16", "--prognosis-rounds", "1", "--prognosis-steps", "2",
+                 "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[adapt round 2]" in done.stdout and "site-3" in done.stdout  # progress was shown
+    assert "[prognosis round 3]" in done.stdout and "final prognosis C-index" in done.stdout
     return out
 
 
 def test_run_folder_contract(run_dir: Path) -> None:
     for name in ("run.json", "metrics.json", "report.md", "backbone.safetensors", "plots/dice.png", "plots/overlay.png",
                  "adapters/round-0.safetensors", "adapters/round-1.safetensors", "adapters/round-2.safetensors",
+                 "adapters/round-3.safetensors",
                  "federation/federation.yaml"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [(r["phase"], r["round"]) for r in metrics["rounds"]] == [("adapt", 1), ("adapt", 2), ("prognosis", 3)]
     assert [r["round"] for r in metrics["pretrain_rounds"]] == [1]
-    for record in metrics["rounds"]:
+    prognosis = metrics["rounds"][-1]
+    assert prognosis["aggregated"] and {s["name"]: s["examples"].keys() >= {"ehr"} for s in prognosis["sites"]} == {
+        "site-1": False, "site-2": False, "site-3": True}
+    for record in metrics["rounds"][:2]:
         assert record["wall_seconds"] > 0 and record["aggregated"]
         names = [s["name"] for s in record["sites"]]
         assert names == ["site-1", "site-2", "site-3"]
@@ -48,7 +54,7 @@ def test_run_folder_contract(run_dir: Path) -> None:
     assert provenance["round"] == 2 and provenance["sites"] == ["site-1", "site-2", "site-3"]
     assert metadata["fingerprint"] == metrics["run"]["fingerprint"]
     report = (run_dir / "report.md").read_text()
-    assert "plots/dice.png" in report and "plots/overlay.png" in report
+    assert "plots/dice.png" in report and "plots/overlay.png" in report and "## prognosis" in report
 
 
 def test_evaluate_and_predict(run_dir: Path, tmp_path: Path) -> None:
@@ -63,6 +69,7 @@ def test_evaluate_and_predict(run_dir: Path, tmp_path: Path) -> None:
                  "--out", str(mask)]) == 0
     ct, written = nib.load(str(case / "ct.nii.gz")), nib.load(str(mask))
     assert written.shape == ct.shape and (written.affine == ct.affine).all()
+    assert "risk" in json.loads((tmp_path / "mask.risk.json").read_text())  # the run has a survival head
 
 
 def test_resume_takes_the_run_settings_and_the_options_given(tmp_path: Path) -> None:
