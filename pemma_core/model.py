@@ -10,6 +10,9 @@ One factory builds every model the project compares:
   - ``ct-only`` / ``pet-only``: the whole backbone fine-tuned on one modality,
   - ``early-fusion``: a two-channel copy of the backbone initialised from the CT weights
     (the PET input weights start at zero, so it starts as the CT model), fully trained.
+  - ``cnn-early-fusion``: a reference CNN, MONAI ``SegResNet`` with 2 input channels
+    (CT, PET), trained from scratch; no transformer and no CT backbone
+    (``spec.backbone``/``spec.preset`` only fix its crop size).
 
 Every model is called as ``model(image, mode)`` with ``image`` of shape
 ``[B, 2, X, Y, Z]`` (channel 0 CT, channel 1 PET; see :mod:`pemma_core.modes`) and
@@ -41,7 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock
-from monai.networks.nets import UNETR, SwinUNETR
+from monai.networks.nets import UNETR, SegResNet, SwinUNETR
+from monai.networks.nets.swin_unetr import WindowAttention
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
@@ -49,7 +53,8 @@ from pemma_core.modes import IMAGE_CHANNEL, MODES, REQUIRED_MODALITIES, check_mo
 
 BACKBONES = ("unetr", "swin-unetr")
 ADAPTERS = ("lora", "dora")
-KINDS = ("pemma", "ct-only", "pet-only", "early-fusion")
+KINDS = ("pemma", "ct-only", "pet-only", "early-fusion", "cnn-early-fusion")
+CNN_INIT_FILTERS = 16  # SegResNet width of the cnn-early-fusion reference (about 4.7 M parameters)
 
 # Size presets. UNETR's patch is fixed at 16 by MONAI and it always has 12 layers;
 # Swin UNETR needs inputs divisible by 32.
@@ -178,7 +183,68 @@ def build_backbone(spec: ModelSpec, in_channels: int = 1) -> nn.Module:
         net: nn.Module = UNETR(in_channels=in_channels, out_channels=spec.out_channels, img_size=size, **preset)
     else:
         net = SwinUNETR(in_channels=in_channels, out_channels=spec.out_channels, **preset)
+    speed_up_monai_modules(net)
     net.pemma_spec = spec  # lets pretraining and files know what this network is
+    return net
+
+
+class ChannelInstanceNorm(nn.Module):
+    """``nn.InstanceNorm3d(affine=False)`` computed as ``group_norm`` with one group per channel.
+
+    The same normalisation (per sample and channel, biased variance, same ``eps``) with no
+    parameters or buffers, but its output is not a view: MONAI's blocks apply an in-place
+    LeakyReLU and ``out += residual`` to the norm output, and on ``instance_norm``'s view
+    output autograd then copies the whole activation twice in backward (``CopySlices``),
+    about 15% of a UNETR training step on CPU (profile in BENCHMARKS.md).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_features, None, None, self.eps)
+
+
+class SdpaWindowAttention(WindowAttention):
+    """MONAI's Swin ``WindowAttention`` with ``scaled_dot_product_attention`` in training too.
+
+    MONAI uses the fused kernel only without gradients; here it is used always (same maths:
+    the relative-position bias, plus the shift mask, is the additive attention mask). With a
+    frozen bias table (PEMMA) the fused kernel also runs backward; a trainable one makes
+    PyTorch fall back to the explicit computation. Swap in with :func:`speed_up_monai_modules`.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        index = self.relative_position_index[:n, :n].reshape(-1)  # type: ignore[index]
+        bias = self.relative_position_bias_table[index].reshape(n, n, heads).permute(2, 0, 1)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = bias.reshape(1, 1, heads, n, n) + mask.reshape(1, nw, 1, n, n)
+            bias = bias.expand(b // nw, nw, heads, n, n).reshape(b, heads, n, n)
+        else:
+            bias = bias.unsqueeze(0)
+        dropout = float(self.attn_drop.p) if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=self.scale)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+def speed_up_monai_modules(net: nn.Module) -> nn.Module:
+    """Swap in numerically equivalent, faster modules, in place: every parameter-free
+    ``InstanceNorm3d`` -> :class:`ChannelInstanceNorm`, every Swin ``WindowAttention`` ->
+    :class:`SdpaWindowAttention`. Parameters, buffers and ``state_dict`` keys are unchanged
+    (so is the backbone fingerprint); outputs agree to float rounding."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.InstanceNorm3d) and not child.affine and not child.track_running_stats:
+                setattr(parent, name, ChannelInstanceNorm(child.num_features, child.eps))
+            elif type(child) is WindowAttention:
+                child.__class__ = SdpaWindowAttention
     return net
 
 
@@ -277,7 +343,9 @@ class ModalitySkip(nn.Module):
         super().__init__()
         self.state = state
         self.encoder1 = encoder1
-        self.pet_block = UnetrBasicBlock(3, 1, channels, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+        self.pet_block = speed_up_monai_modules(
+            UnetrBasicBlock(3, 1, channels, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+        )
         self.pet_gate = nn.Conv3d(channels, channels, 1)
         nn.init.zeros_(self.pet_gate.weight)
         nn.init.zeros_(self.pet_gate.bias)
@@ -495,13 +563,45 @@ def _two_channel_copy(ct_net: nn.Module, spec: ModelSpec) -> nn.Module:
     return net
 
 
+class CnnModel(SegmentationModel):
+    """``cnn-early-fusion``: MONAI ``SegResNet`` on ``[B, 2, X, Y, Z]`` (CT, PET) -> ``[B, out, X, Y, Z]``.
+
+    A fully trained CNN reference for the transformer models, mode ``ctpet`` only. It has
+    no CT backbone, so its ``fingerprint`` is empty. ``X, Y, Z`` must be multiples of 8.
+    """
+
+    modes = ("ctpet",)
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fingerprint = ""
+        self.net = SegResNet(spatial_dims=3, init_filters=CNN_INIT_FILTERS, in_channels=2, out_channels=spec.out_channels)
+
+    @property
+    def param_groups(self) -> dict[str, str]:
+        return {n: FULL_GROUP for n, p in self.named_parameters() if p.requires_grad}
+
+    def groups_for_mode(self, mode: str) -> frozenset[str]:
+        return frozenset({FULL_GROUP})
+
+    def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        self.check_mode(mode)
+        if image.ndim != 5 or image.shape[1] != 2:
+            raise ValueError(f"expected image [B, 2, X, Y, Z] (channel 0 CT, channel 1 PET), got shape {tuple(image.shape)}")
+        return self.net(image)
+
+
 def build_model(spec: ModelSpec, backbone: nn.Module | None = None) -> SegmentationModel:
     """Build the model ``spec.kind`` around ``backbone`` (a fresh one from ``spec`` if None).
 
     The CT backbone is copied, never modified; its fingerprint is kept on the model.
+    ``cnn-early-fusion`` uses no backbone (``backbone`` is ignored).
     """
     from pemma_core.adapters import backbone_fingerprint
 
+    if spec.kind == "cnn-early-fusion":
+        return CnnModel(spec)
     if backbone is None:
         backbone = build_backbone(spec)
     fingerprint = backbone_fingerprint(backbone)
@@ -520,16 +620,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 __all__ = [
     "ADAPTERS",
     "BACKBONES",
+    "CNN_INIT_FILTERS",
     "FULL_GROUP",
     "GROUPS",
     "KINDS",
     "MODE_GROUPS",
     "PRESETS",
+    "ChannelInstanceNorm",
+    "CnnModel",
     "FullModel",
     "ModelSpec",
     "PemmaModel",
+    "SdpaWindowAttention",
     "SegmentationModel",
     "build_backbone",
     "build_model",
     "count_parameters",
+    "speed_up_monai_modules",
 ]

@@ -1,0 +1,490 @@
+"""``BENCHMARKS.md``, the targets and the plots of ``pemma bench``, from its result dictionary.
+
+Nothing here measures anything: every number printed comes from ``bench.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODE_ORDER = ("ct", "pet", "ctpet")
+TIME_TARGET = 0.8  # PEMMA step time <= 0.8 x full fine-tuning
+MEMORY_TARGET = 0.7  # PEMMA peak memory <= 0.7 x full fine-tuning
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _rows(entry: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {r["row"]: r for r in entry.get("rows", [])}
+
+
+def _dice(row: Mapping[str, Any] | None, mode: str) -> float | None:
+    if row is None:
+        return None
+    value = row.get("dice", {}).get(mode)
+    return None if value is None else float(value)
+
+
+def _target(name: str, backbone: str, measured: float | None, threshold: float | None, higher_is_better: bool,
+            unit: str, detail: str) -> dict[str, Any]:
+    """A target line: ``met`` is None when there is no threshold (a reported gap) or no number."""
+    met = None
+    gap = None
+    if measured is not None and threshold is not None:
+        met = measured >= threshold if higher_is_better else measured <= threshold
+        gap = measured - threshold
+    return {"target": name, "backbone": backbone, "measured": measured, "threshold": threshold,
+            "higher_is_better": higher_is_better, "unit": unit, "met": met, "gap": gap, "detail": detail}
+
+
+def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue 6 per backbone, from the measured numbers (Dice in points = x100)."""
+    out: list[dict[str, Any]] = []
+    cnn = results.get("cnn")
+    for name, entry in results.get("backbones", {}).items():
+        rows = _rows(entry)
+        pts = lambda a, b: None if a is None or b is None else 100.0 * (a - b)  # noqa: E731
+        lora, ef = _dice(rows.get("pemma-lora"), "ctpet"), _dice(rows.get("early-fusion"), "ctpet")
+        out.append(_target("PEMMA-LoRA (ctpet) within 1 Dice point of early fusion", name, pts(lora, ef), -1.0, True,
+                           "Dice points (LoRA - early fusion)", f"LoRA {lora} vs early fusion {ef}"))
+        ct_only = _dice(rows.get("ct-only"), "ct")
+        for key, label in (("pemma-lora", "PEMMA-LoRA"), ("pemma-dora", "PEMMA-DoRA")):
+            value = _dice(rows.get(key), "ctpet")
+            out.append(_target(f"{label} (ctpet) above CT-only (ct)", name, pts(value, ct_only), 0.0, True,
+                               "Dice points (PEMMA - CT-only)", f"{label} {value} vs CT-only {ct_only}"))
+        fed = _dice(rows.get("pemma-lora-fed"), "ctpet")
+        out.append(_target("Federated PEMMA-LoRA (ctpet) within 2 Dice points of centralized", name, pts(fed, lora), -2.0,
+                           True, "Dice points (federated - centralized)", f"federated {fed} vs centralized {lora}"))
+        before = _dice(rows.get("ct-backbone"), "ct")
+        for key in ("pemma-lora", "pemma-dora", "pemma-lora-fed"):
+            after = _dice(rows.get(key), "ct")
+            out.append(_target(f"No forgetting: {rows[key]['label'] if key in rows else key} CT-mode Dice loses <= 1 point",
+                               name, pts(after, before), -1.0, True, "Dice points (after - backbone before)",
+                               f"CT mode after {after} vs backbone {before}"))
+        if cnn is not None:
+            value = _dice(cnn, "ctpet")
+            out.append(_target("Gap PEMMA-LoRA (ctpet) - CNN early fusion", name, pts(lora, value), None, True,
+                               "Dice points (PEMMA - CNN)", f"LoRA {lora} vs CNN {value}"))
+        speed = entry.get("speed")
+        if speed:
+            out.append(_target(f"PEMMA-LoRA step time <= {TIME_TARGET}x full fine-tuning", name, speed.get("time_ratio"),
+                               TIME_TARGET, False, "ratio PEMMA / full (wall s per step)",
+                               f"CPU-time ratio {speed.get('cpu_time_ratio'):.3f}, FLOPs ratio {speed.get('flops_ratio'):.3f}"))
+            out.append(_target(f"PEMMA-LoRA peak memory <= {MEMORY_TARGET}x full fine-tuning", name, speed.get("memory_ratio"),
+                               MEMORY_TARGET, False, "ratio PEMMA / full (peak memory)",
+                               speed["variants"]["pemma-lora"].get("peak_memory_method", "")))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def make_plots(results: Mapping[str, Any], folder: Path, test_batches: Sequence[Mapping[str, Any]],
+               overlays: Mapping[str, Any]) -> dict[str, str]:
+    """Dice per federated round (one plot per backbone) and two test-case overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for name, entry in results.get("backbones", {}).items():
+        rows = _rows(entry)
+        fed = rows.get("pemma-lora-fed")
+        if not fed:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        start = _dice(rows.get("ct-backbone"), "ct")
+        points = [(0, start)] if start is not None else []
+        points += [(r["round"], r["dice"]["ctpet"]) for r in fed["per_round"] if "ctpet" in r["dice"]]
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label="federated PEMMA-LoRA, ctpet")
+        last = fed["per_round"][-1]
+        for mode, marker in (("ct", "s"), ("pet", "^")):
+            if mode in last["dice"]:
+                ax.scatter([last["round"]], [last["dice"][mode]], marker=marker, zorder=3, label=f"federated, {mode} (last round)")
+        for key, style, label in (("pemma-lora", "--", "centralized PEMMA-LoRA, ctpet"),
+                                  ("early-fusion", ":", "early fusion, ctpet")):
+            value = _dice(rows.get(key), "ctpet")
+            if value is not None:
+                ax.axhline(value, linestyle=style, color="gray" if key == "early-fusion" else "black", linewidth=1, label=label)
+        ax.set_xlabel("round (0 = the CT backbone: PEMMA starts as it)")
+        ax.set_ylabel(f"mean Dice, {len(test_batches)} test cases")
+        ax.set_xticks(list(xs))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"{name}: federated Dice per round", fontsize=9)
+        fig.tight_layout()
+        path = folder / f"federated-dice-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[f"federated-dice-{name}"] = str(path)
+
+    predictions = overlays.get("predictions", {}).get("ctpet", {}) if overlays else {}
+    if predictions:
+        name = overlays["backbone"]
+        lora = _rows(results["backbones"][name])["pemma-lora"]["per_case"]["ctpet"]
+        ranked = sorted(lora, key=lambda c: lora[c])
+        chosen = [ranked[-1], ranked[0]] if len(ranked) > 1 else ranked
+        by_id = {str(b["case_id"][0]): b for b in test_batches}
+        cnn = overlays.get("cnn") or {}
+        cnn_dice = results.get("cnn", {}).get("per_case", {}).get("ctpet", {})
+        for which, case_id in zip(("best", "worst"), chosen):
+            batch = by_id[case_id]
+            image = batch["image"][0].numpy()
+            label = batch["label"][0, 0].numpy() > 0.5
+            pred = predictions[case_id] > 0
+            z = int(np.argmax(label.reshape(-1, label.shape[-1]).sum(axis=0))) if label.any() else label.shape[-1] // 2
+            fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+            axes[0].imshow(image[0][..., z].T, cmap="gray", origin="lower")
+            axes[0].set_title("CT")
+            axes[1].imshow(image[1][..., z].T, cmap="hot", origin="lower")
+            axes[1].set_title("PET (SUV / 20)")
+            axes[2].imshow(image[0][..., z].T, cmap="gray", origin="lower")
+            if label[..., z].any():
+                axes[2].contour(label[..., z].T, levels=[0.5], colors="lime", linewidths=1.4)
+            if pred[..., z].any():
+                axes[2].contour(pred[..., z].T, levels=[0.5], colors="red", linewidths=1.2)
+            title = f"true (green), PEMMA-LoRA ctpet (red, Dice {lora[case_id]:.3f})"
+            if case_id in cnn and cnn[case_id][..., z].any():
+                axes[2].contour((cnn[case_id] > 0)[..., z].T, levels=[0.5], colors="cyan", linewidths=1.0, linestyles="dashed")
+                title += f"\nCNN (cyan dashed, Dice {cnn_dice.get(case_id, float('nan')):.3f})"
+            axes[2].set_title(title, fontsize=8)
+            for ax in axes:
+                ax.axis("off")
+            fig.suptitle(f"{case_id} ({which} PEMMA-LoRA case, {name}), axial slice {z} of the 2 x 2 x 3.27 mm grid",
+                         fontsize=9)
+            fig.tight_layout()
+            path = folder / f"overlay-{case_id}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written[f"overlay-{case_id}"] = str(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def _bytes(value: Any) -> str:
+    if value is None:
+        return "-"
+    if value >= 2**20:
+        return f"{value / 2**20:.2f} MiB"
+    return f"{value / 2**10:.1f} KiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def _met(target: Mapping[str, Any]) -> str:
+    if target["met"] is None:
+        return "reported" if target["measured"] is not None else "not measured"
+    return "**met**" if target["met"] else "**missed**"
+
+
+def _all_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rows = [r for entry in results.get("backbones", {}).values() for r in entry.get("rows", [])]
+    if results.get("cnn"):
+        rows.append(results["cnn"])
+    return rows
+
+
+def write_markdown(results: Mapping[str, Any], path: Path) -> Path:
+    config, env = results["config"], results["environment"]
+    quick = config["mode"] == "quick"
+    lines: list[str] = ["# pemma benchmarks", ""]
+    lines += [
+        f"Written by `{results.get('command') or 'pemma bench'}` ({config['mode']} run) on {env['started']}; "
+        f"{results['wall_seconds'] / 60:.1f} min wall time. Every number below comes from that run "
+        "(`bench.json` beside this file holds all of them); nothing is typed by hand.",
+        "",
+    ]
+    if quick:
+        lines += ["> **Quick run**: a handful of steps per row and the first "
+                  f"{len(results['data']['test_cases'])} test cases only. The Dice values show that the machinery "
+                  "works, not how the models compare; run `pemma bench` for the full benchmark.", ""]
+    elif config["mode"] == "custom":
+        lines += ["> **Custom run**: budgets or data differ from the full benchmark's defaults (see Setup).", ""]
+    lines += [
+        "## Setup", "",
+        f"- Machine: {env['platform']}, {env['cpu_count']} CPU core(s), torch {env['torch']} ({env['threads']} intra-op "
+        f"thread(s){', ' + config['threads_reason'] if config.get('threads') else ''}), MONAI {env['monai']}, peft {env['peft']}; device `{config['device']}`"
+        + (f" ({env['cuda_device']}, bf16 autocast)" if env.get("cuda_device") else "") + ". "
+        f"Load average (1 min) {env['load_average_start'][0]:.1f} at the start, "
+        f"{env.get('load_average_end', [float('nan')])[0]:.1f} at the end: the cores were "
+        + ("shared with other jobs, so wall times carry their noise (CPU times and FLOPs are given beside them)."
+           if max(env["load_average_start"][0], env.get("load_average_end", [0])[0]) > 0.5 * env["cpu_count"] + 0.5
+           else "mostly free."),
+        f"- Preset `{config['preset']}`, batch {config['batch_size']}, seed {config['seed']}; AdamW; loss DiceCE; "
+        f"learning rates: CT backbone and CNN {config['lr_backbone']}, full fine-tuning {config['lr_full']}, "
+        f"PEMMA adapters {config['lr_adapter']}. PEMMA: rank 8, alpha 16, LoRA/DoRA on attention qkv + output "
+        "projection; modes drawn per batch ctpet 0.6 / ct 0.2 / pet 0.2 among those a site serves.",
+    ]
+    for name, b in config["budgets"].items():
+        lines.append(
+            f"- **{name}** budget: CT backbone {b['pretrain_steps']} steps on the pooled CT training cases of all 3 sites; "
+            f"then **{b['steps']} steps per row** (federated: {b['fed_rounds']} rounds x 3 sites x {b['fed_local_steps']} "
+            "local steps). Every PEMMA / early-fusion / PET-only row starts from that same backbone "
+            "(identical fingerprint); the **CT-only row is that backbone trained further on CT for the same "
+            f"{b['steps']} steps** (the backbone itself is the \"before adaptation\" row)."
+        )
+    if results.get("cnn"):
+        lines.append(f"- CNN reference: MONAI SegResNet (2 input channels, {_params(results['cnn']['total_params'])} "
+                     f"parameters), trained from scratch for {results['cnn']['steps']} steps, as many as the "
+                     f"{config['backbones'][0]} rows saw in all (CT backbone + row steps), at the same crop size.")
+    lines.append(
+        f"- Evaluation: {len(results['data']['test_cases'])} test cases of `sites/ibsi/test.yaml` "
+        f"({', '.join(results['data']['test_cases'])}), whole volumes, sliding window (overlap {config['overlap']}, "
+        "gaussian), foreground Dice as `pemma_core.train.evaluate` computes it. Bytes up: what one site sends per "
+        "round (federated row: measured on the wire; other rows: their trainable tensors in fp32, i.e. what they "
+        "would send). Peak memory per row: params + optimiser state + the highest bytes allocated during one "
+        "training step (torch.profiler allocation events), in the row's most expensive mode."
+    )
+    lines.append("")
+
+    # main table
+    lines += ["## Results", ""]
+    header = "| backbone | model | trained on | eval | Dice mean | trainable params | fraction | bytes up / round | s / step | peak memory |"
+    lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in _all_rows(results):
+        for i, mode in enumerate(m for m in MODE_ORDER if m in row.get("dice", {})):
+            cells = [row["backbone"], row["label"], row["train_data"], mode, _f(row["dice"][mode]),
+                     _params(row["trainable_params"]) + " / " + _params(row["total_params"]),
+                     "%.2f%%" % (100 * row["trainable_fraction"]), _bytes(row["bytes_up_per_round"]),
+                     _f(row["seconds_per_step"], 2), _mib(row.get("peak_memory_bytes"))]
+            if i > 0:  # later modes of the same model: only the mode and its Dice
+                cells = ["", "", "", mode, cells[4], "", "", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += ["Bytes up for the centralized rows are what they *would* send per round if trained federated; "
+              "the federated row's is measured (sum over its sites, mean over rounds). s / step is wall time "
+              "including data loading.", ""]
+
+    # per case
+    cases = results["data"]["test_cases"]
+    lines += ["### Dice per test case", "", "| backbone | model | eval | " + " | ".join(cases) + " |",
+              "|---|---|---|" + "---|" * len(cases)]
+    for row in _all_rows(results):
+        for mode in (m for m in MODE_ORDER if m in row.get("per_case", {})):
+            per = row["per_case"][mode]
+            lines.append(f"| {row['backbone']} | {row['label']} | {mode} | "
+                         + " | ".join(_f(per.get(c), 2) for c in cases) + " |")
+    lines.append("")
+
+    # targets
+    lines += ["## Targets", "", "| target | backbone | measured | target | result | gap to target |", "|---|---|---|---|---|---|"]
+    for t in results.get("targets", []):
+        ratio = "ratio" in t["unit"]
+        fmt = (lambda v: _f(v, 3)) if ratio else (lambda v: "-" if v is None else f"{v:+.1f} pts")
+        threshold = "-" if t["threshold"] is None else (("<= " if not t["higher_is_better"] else ">= ") + fmt(t["threshold"]))
+        gap = "-" if t["gap"] is None else (f"{t['gap']:+.3f}" if ratio else f"{t['gap']:+.1f} pts")
+        lines.append(f"| {t['target']} | {t['backbone']} | {fmt(t['measured'])} ({t['unit']}) | {threshold} | {_met(t)} | {gap} |")
+    lines += ["", "A Dice point is 0.01 Dice. \"Gap to target\" is measured minus threshold (negative: short of a "
+              ">= target; positive: over a <= target).", ""]
+
+    # forgetting
+    lines += ["## Forgetting (CT mode before vs after adaptation)", ""]
+    for name, entry in results.get("backbones", {}).items():
+        rows = _rows(entry)
+        before = rows.get("ct-backbone", {}).get("per_case", {}).get("ct", {})
+        lines += [f"**{name}**: CT backbone mean CT Dice {_f(_dice(rows.get('ct-backbone'), 'ct'))}.", "",
+                  "| model | CT Dice after | change (pts) | cases that lost > 1 pt |", "|---|---|---|---|"]
+        for key in ("pemma-lora", "pemma-dora", "pemma-lora-fed"):
+            if key not in rows or "ct-backbone" not in rows:
+                continue
+            after = rows[key]["per_case"].get("ct", {})
+            lost = [c for c in after if c in before and after[c] < before[c] - 0.01]
+            change = 100 * (_dice(rows[key], "ct") - _dice(rows.get("ct-backbone"), "ct"))
+            lines.append(f"| {rows[key]['label']} | {_f(_dice(rows[key], 'ct'))} | {change:+.1f} | "
+                         f"{', '.join(lost) if lost else 'none'} |")
+        lines.append("")
+
+    # federated
+    lines += ["## Federated row", ""]
+    for name, entry in results.get("backbones", {}).items():
+        fed = _rows(entry).get("pemma-lora-fed")
+        if not fed:
+            continue
+        per_site = ", ".join(f"{k} {_bytes(v)}" for k, v in fed.get("bytes_up_per_site", {}).items())
+        oh = fed.get("overhead", {})
+        lines += [f"**{name}**: run folder `{fed['run_dir']}`; bytes up per round per site: {per_site} "
+                  "(site-a trains only the shared and CT groups, so it sends less).",
+                  f"Time outside local training: {100 * oh.get('overhead_share', float('nan')):.0f}% of the rounds' train "
+                  f"wall time ({_f(oh.get('train_wall_seconds'), 1)} s; site setup {_f(oh.get('site_setup_seconds'), 1)} s). "
+                  + (f"Site problems: {'; '.join(fed['sites_failed'])}." if fed.get("sites_failed") else "Every site reply was accepted."),
+                  "", "| round | " + " | ".join(MODE_ORDER) + " |", "|---|---|---|---|"]
+        for r in fed["per_round"]:
+            lines.append(f"| {r['round']} | " + " | ".join(_f(r["dice"].get(m)) for m in MODE_ORDER) + " |")
+        plot = results.get("plots", {}).get(f"federated-dice-{name}")
+        if plot:
+            lines += ["", f"![federated Dice per round, {name}](plots/{Path(plot).name})"]
+        lines.append("")
+    overlays = [k for k in results.get("plots", {}) if k.startswith("overlay-")]
+    if overlays:
+        lines += ["## Two test cases", "", "Axial slice through the largest true tumour area: CT, PET, and the contours "
+                  "of the truth (green), PEMMA-LoRA centralized in mode ctpet (red) and the CNN (cyan, dashed).", ""]
+        lines += [f"![{k}](plots/{Path(results['plots'][k]).name})" for k in overlays]
+        lines.append("")
+
+    # speed
+    lines += ["## Speed and memory: PEMMA-LoRA vs full fine-tuning", "",
+              "Same backbone, same real CT+PET batch (batch "
+              f"{config['batch_size']}, mode ctpet), each variant in a fresh Python process; full fine-tuning = the "
+              "early-fusion model (the whole 2-channel backbone trained). Median of "
+              f"{config['speed_steps']} timed step(s) after a warm-up step. Peak memory on CPU: the process's peak RSS "
+              "during those steps (VmHWM, reset once the model is built) minus its RSS after building the model; "
+              "on CUDA `max_memory_allocated`. Tensor peak: params + optimiser state + the profiler's peak bytes "
+              "allocated in one step.", "",
+              "| backbone | variant | trainable | s / step (wall) | CPU s / step | GFLOP / step | peak memory | tensor peak |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, entry in results.get("backbones", {}).items():
+        speed = entry.get("speed")
+        if not speed:
+            continue
+        for variant, v in speed["variants"].items():
+            lines.append(f"| {name} | {variant} | {_params(v['trainable_params'])} | {v['seconds_per_step']:.2f} | "
+                         f"{v['cpu_seconds_per_step']:.2f} | {v['flops_per_step'] / 1e9:.0f} | {_mib(v['peak_memory_bytes'])} | "
+                         f"{_mib(v.get('tensor_peak_bytes'))} |")
+        lines.append(f"| {name} | **ratio PEMMA / full** | | **{speed['time_ratio']:.3f}** | {speed['cpu_time_ratio']:.3f} | "
+                     f"{speed['flops_ratio']:.3f} | **{speed['memory_ratio']:.3f}** | {_f(speed.get('tensor_memory_ratio'))} |")
+    lines += ["", f"Targets: time ratio <= {TIME_TARGET}, memory ratio <= {MEMORY_TARGET} (see Targets).", ""]
+
+    # profiling
+    lines += ["## Profiling: the costs found and removed", "",
+              "`torch.profiler` on one PEMMA-LoRA training step (mode ctpet), with MONAI's own modules (**before**) "
+              "and with `pemma_core.model.speed_up_monai_modules` (**after**): (1) MONAI's InstanceNorm returns a view "
+              "and its blocks then apply an in-place LeakyReLU and `out += residual` to it, so autograd copies whole "
+              "activations twice in backward (`CopySlices`, `aten::copy_`/`clone`); the norm is now computed as "
+              "`group_norm` with one group per channel (same maths, no view). (2) Swin UNETR's window attention ran "
+              "`bmm` + softmax explicitly in training (MONAI uses `scaled_dot_product_attention` only without "
+              "gradients); it now uses the fused kernel always, which also runs backward when the relative-position "
+              "bias is frozen (PEMMA). Both are numerically equivalent (tests/test_bench.py checks the outputs). "
+              "Step times below are interleaved before/after in one process.", "",
+              "| backbone | variant | before s / step | after s / step | after / before (wall) | after / before (CPU) |",
+              "|---|---|---|---|---|---|"]
+    for name, entry in results.get("backbones", {}).items():
+        prof = entry.get("profile", {})
+        for variant in ("pemma-lora", "full-ft"):
+            if variant in prof:
+                p = prof[variant]
+                lines.append(f"| {name} | {variant} | {p['before']['seconds_per_step']:.2f} | {p['after']['seconds_per_step']:.2f} | "
+                             f"{p['time_ratio_after_before']:.3f} | {p['cpu_ratio_after_before']:.3f} |")
+    lines.append("")
+    for name, entry in results.get("backbones", {}).items():
+        p = entry.get("profile", {}).get("pemma-lora")
+        if not p or "top_ops" not in p["before"]:
+            continue
+        lines += [f"**{name}, PEMMA-LoRA step, top operators by self CPU time** (before: {p['before']['profiled_cpu_ms']:.0f} ms "
+                  f"profiled, of which copies {p['before']['copy_ms']:.0f} ms and explicit attention "
+                  f"{p['before']['explicit_attention_ms']:.0f} ms; after: {p['after']['profiled_cpu_ms']:.0f} ms, copies "
+                  f"{p['after']['copy_ms']:.0f} ms, explicit attention {p['after']['explicit_attention_ms']:.0f} ms)", "",
+                  "| before: op | ms | share | after: op | ms | share |", "|---|---|---|---|---|---|"]
+        for b, a in zip(p["before"]["top_ops"][:8], p["after"]["top_ops"][:8]):
+            lines.append(f"| `{b['op']}` | {b['self_ms']:.0f} | {100 * b['share']:.1f}% | `{a['op']}` | {a['self_ms']:.0f} | "
+                         f"{100 * a['share']:.1f}% |")
+        lines.append("")
+    threads = results.get("threads")
+    if threads:
+        sps = threads["seconds_per_step"]
+        cores = str(threads["cores"])
+        lines += [f"Intra-op threads (measured at load average {threads['load_average'][0]:.1f}): a PEMMA-LoRA step "
+                  f"took {sps['1']:.2f} s with 1 thread and {sps[cores]:.2f} s with {cores}. When other jobs share the "
+                  "cores, OpenMP threads wait on each other and one thread per process can be faster "
+                  "(`--threads 1`, or OMP_NUM_THREADS=1).", ""]
+
+    # inference and loading
+    lines += ["## Inference and data loading", ""]
+    for name, entry in results.get("backbones", {}).items():
+        inf = entry.get("inference")
+        if inf:
+            lines.append(
+                f"- {name}: sliding-window inference of {inf['case_id']} (largest test case, grid {tuple(inf['grid_shape'])}, "
+                f"{inf['windows_overlap_0.25']} windows of {inf['roi']}^3 at overlap 0.25, {inf['windows_overlap_0']} at 0), "
+                f"PEMMA-LoRA ctpet: **{inf['seconds_after']:.2f} s** ({inf['seconds_before']:.2f} s with MONAI's modules, "
+                f"ratio {inf['seconds_after'] / inf['seconds_before']:.3f}); overlap 0: {inf['seconds_after_overlap_0']:.2f} s. "
+                "On these crops overlap 0.25 adds few windows, so the default stays."
+            )
+    loading = results.get("loading")
+    if loading:
+        lines.append(
+            f"- Data loading ({loading['n_cases']} CT+PET cases, `measure_loading`): {loading['first_load_s_per_case']:.2f} s "
+            f"per case cold (read, resample both grids, normalise, cache), **{loading['cached_load_s_per_case']:.3f} s per "
+            f"case cached** ({loading['speedup']}x); a training batch (random crop + flips + affine of "
+            f"{config['batch_size']} cases) {loading['train_batch_seconds']:.3f} s."
+        )
+    lines.append("")
+
+    # data quirks
+    data = results["data"]
+    lines += ["## Real data quirks and what the pipeline does with them", ""]
+    lines += [f"Usable cases: " + ", ".join(f"{k} {v}" for k, v in data["counts"].items()) + "."]
+    if data["skipped"]:
+        lines += ["", "Cases left out by the checks (`on_bad_case: skip`):", ""]
+        lines += [f"- {s['site']}: {s['case_id']}: {s['problem']}" for s in data["skipped"]]
+    else:
+        lines.append("No case was left out by the checks.")
+    lines += ["", f"Warnings the data layer emitted (`site_cases` / `inspect_case`), {len(data['warnings'])}:", ""]
+    lines += [f"- {w['site']}: {w['message']}" for w in data["warnings"]] or ["- none"]
+    audit = data.get("alignment", [])
+    if audit:
+        low = [a for a in audit if a["pet_mask_vs_ct_mask_dice"] < 0.8]
+        lines += ["", "Alignment audit: PET_mask carried onto the CT-derived grid by the pipeline's own transform "
+                  "(through both headers) against CT_mask on that grid. The pipeline trusts the headers and keeps "
+                  "every case; a low Dice means the PET it trains on is shifted against the label.", "",
+                  "| site | case | PET used | CT slices | PET slices | PET - CT z origin (mm) | PET_mask vs CT_mask Dice |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in audit:
+            lines.append(f"| {a['site']} | {a['case_id']} | {'yes' if a['pet_used'] else 'no (CT-only site)'} | {a['ct_slices']} | "
+                         f"{a['pet_slices']} | {a['z_origin_offset_mm']:+.2f} | {a['pet_mask_vs_ct_mask_dice']:.3f} |")
+        others = [a["pet_mask_vs_ct_mask_dice"] for a in audit if a not in low]
+        low_text = ", ".join("%s (%.2f, %s)" % (a["case_id"], a["pet_mask_vs_ct_mask_dice"], a["site"]) for a in low)
+        lines += ["", (f"Below 0.8: {low_text}; the others {min(others):.2f}-{max(others):.2f}. " if low and others else "")
+                  + "Nothing in the checks flags a header shift (it is not detectable without the masks), so such a "
+                  "case is trained on as is; partial PET coverage is only warned about (PET reads 0 outside its field of view)."]
+    lines.append("")
+
+    if results.get("errors"):
+        lines += ["## Phases that failed", "", "These parts of the run raised; their numbers are missing above.", ""]
+        lines += [f"- {e['phase']}: `{e['error'][:300]}`" for e in results["errors"]]
+        lines.append("")
+    lines += ["## GPU (`--device cuda`)", "",
+              "`pemma bench --device cuda --preset paper` runs the same suite on a GPU: training and inference under "
+              "bf16 autocast (`pemma_core.train.autocast`), peak memory from `torch.cuda.max_memory_allocated`, the "
+              "federated sites' YAMLs written with `device: cuda`. On a machine without CUDA it stops with a clear "
+              "error before doing anything. "
+              + ("This run used CUDA." if env.get("cuda_device") else
+                 "**Not run here**: this machine has no GPU, so no GPU numbers exist yet; budgets for `paper` can be "
+                 "raised with `--pretrain-steps/--fed-rounds/--fed-local-steps`."), ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = ["", "targets:"]
+    for t in results.get("targets", []):
+        measured = "-" if t["measured"] is None else f"{t['measured']:+.3f}"
+        lines.append(f"  [{_met(t).strip('*'):<12}] {t['backbone']:<11} {t['target']}: {measured} ({t['unit']})")
+    return lines
+
+
+__all__ = ["make_plots", "summary_lines", "targets", "write_markdown"]

@@ -1,0 +1,152 @@
+"""`pemma bench`: a tiny-preset run of the whole machinery on 2 IBSI cases per site, its
+JSON/markdown contract, and the equivalence of the module swaps it profiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pemma_core.cli import main
+from pemma_core.model import ChannelInstanceNorm, ModelSpec, SdpaWindowAttention, build_backbone, build_model
+from simulation.bench_speed import monai_reference
+
+ROW_IDS = ("ct-backbone", "ct-only", "pet-only", "early-fusion", "pemma-lora", "pemma-dora", "pemma-lora-fed")
+EVAL_MODES = {"ct-backbone": {"ct"}, "ct-only": {"ct"}, "pet-only": {"pet"}, "early-fusion": {"ctpet"},
+              "pemma-lora": {"ct", "pet", "ctpet"}, "pemma-dora": {"ct", "pet", "ctpet"},
+              "pemma-lora-fed": {"ct", "pet", "ctpet"}, "cnn-early-fusion": {"ctpet"}}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory, ibsi_root: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    code = main([
+        "bench", "--preset", "tiny", "--backbones", "unetr", "--data-root", str(ibsi_root),
+        "--pretrain-steps", "2", "--fed-rounds", "1", "--fed-local-steps", "1", "--cnn-steps", "2",
+        "--train-cases", "2", "--test-cases", "2", "--speed-steps", "1", "--fed-engine", "inprocess",
+        "--threads", "1", "--out", str(out),
+    ])
+    assert code == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def test_every_row_has_its_numbers(bench_run):
+    _, result = bench_run
+    assert result["complete"] and result["format"] == "pemma-bench/1"
+    rows = {r["row"]: r for r in result["backbones"]["unetr"]["rows"]}
+    assert tuple(rows) == ROW_IDS
+    rows["cnn-early-fusion"] = result["cnn"]
+    cases = result["data"]["test_cases"]
+    assert len(cases) == 2
+    for name, row in rows.items():
+        assert set(row["dice"]) == EVAL_MODES[name], name
+        for mode, value in row["dice"].items():
+            assert 0.0 <= value <= 1.0
+            assert set(row["per_case"][mode]) == set(cases)
+            assert value == pytest.approx(sum(row["per_case"][mode].values()) / len(cases))
+        for key in ("total_params", "trainable_params", "trainable_fraction", "bytes_up_per_round",
+                    "seconds_per_step", "peak_memory_bytes", "steps"):
+            assert _number(row[key]) and row[key] > 0, (name, key, row[key])
+    # Same budget per row; the federated row spends it as rounds x 3 sites x local steps.
+    budget = result["backbones"]["unetr"]["budget"]
+    assert budget["steps"] == 3
+    assert all(rows[r]["steps"] == 3 for r in ROW_IDS[1:])
+    assert rows["ct-backbone"]["steps"] == 2
+    # PEMMA trains a small fraction and uploads only that; the federated upload is measured.
+    assert rows["pemma-lora"]["trainable_fraction"] < 0.2 < rows["early-fusion"]["trainable_fraction"]
+    fed = rows["pemma-lora-fed"]
+    assert set(fed["bytes_up_per_site"]) == {"ibsi-site-a", "ibsi-site-b", "ibsi-site-c"}
+    assert fed["bytes_up_per_site"]["ibsi-site-a"] < fed["bytes_up_per_site"]["ibsi-site-b"]  # CT-only site: fewer groups
+    assert [r["round"] for r in fed["per_round"]] == [1]
+
+
+def test_speed_profile_targets_and_data_sections(bench_run):
+    _, result = bench_run
+    entry = result["backbones"]["unetr"]
+    for variant in ("pemma-lora", "full-ft"):
+        v = entry["speed"]["variants"][variant]
+        assert all(_number(v[k]) and v[k] > 0 for k in ("seconds_per_step", "cpu_seconds_per_step", "flops_per_step",
+                                                        "tensor_peak_bytes"))
+        assert _number(v["peak_memory_bytes"])
+    assert entry["speed"]["flops_ratio"] < 1.0  # frozen backbone: no weight gradients
+    for variant in ("pemma-lora", "full-ft"):
+        assert _number(entry["profile"][variant]["time_ratio_after_before"])
+    assert entry["profile"]["pemma-lora"]["before"]["top_ops"]
+    assert _number(entry["inference"]["seconds_after"])
+    assert _number(result["loading"]["cached_load_s_per_case"])
+    names = {t["target"] for t in result["targets"]}
+    assert any("early fusion" in n for n in names) and any("forgetting" in n for n in names)
+    assert any("step time" in n for n in names) and any("peak memory" in n for n in names)
+    for t in result["targets"]:
+        assert _number(t["measured"]), t
+        assert t["met"] in (True, False, None)
+    assert result["data"]["alignment"] and all(0 <= a["pet_mask_vs_ct_mask_dice"] <= 1 for a in result["data"]["alignment"])
+    assert isinstance(result["data"]["warnings"], list)
+
+
+def test_markdown_and_plots(bench_run):
+    out, result = bench_run
+    text = (out / "BENCHMARKS.md").read_text()
+    for heading in ("## Results", "### Dice per test case", "## Targets", "## Forgetting", "## Federated row",
+                    "## Speed and memory", "## Profiling", "## Inference and data loading", "## Real data quirks",
+                    "## GPU (`--device cuda`)"):
+        assert heading in text
+    for row in result["backbones"]["unetr"]["rows"]:
+        assert row["label"] in text
+    assert "Custom run" in text and "Not run here" in text
+    for path in result["plots"].values():
+        assert Path(path).is_file() and Path(path).stat().st_size > 1000
+        assert f"plots/{Path(path).name}" in text
+    assert any(k.startswith("overlay-") for k in result["plots"])
+
+
+def test_bench_evaluation_matches_pemma_evaluate(bench_run):
+    """The bench's per-case Dice is the project's ``evaluate`` (same metric, same windows)."""
+    from pemma_core import data
+    from pemma_core.site import load_site_config
+    from pemma_core.train import evaluate
+    from simulation.bench_core import evaluate_cases, load_test_batches
+
+    out, result = bench_run
+    test_yaml = out / "sites" / "test.yaml"
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(backbone="unetr", preset="tiny"))
+    ours = evaluate_cases(model, load_test_batches(test_yaml), ["ctpet"], "cpu", overlap=0.25)
+    theirs = evaluate(model, data.eval_loader(load_site_config(test_yaml), split="test"), ["ctpet"])
+    assert ours["per_case"]["ctpet"] == pytest.approx(theirs.per_case["ctpet"], abs=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["unetr", "swin-unetr"])
+def test_module_swaps_are_equivalent_to_monai(backbone):
+    """speed_up_monai_modules changes speed only: outputs and adapter gradients match MONAI's modules."""
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone=backbone, preset="tiny")
+    backbone_net = build_backbone(spec)
+    assert any(isinstance(m, ChannelInstanceNorm) for m in backbone_net.modules())
+    assert (backbone == "swin-unetr") == any(isinstance(m, SdpaWindowAttention) for m in backbone_net.modules())
+    fast = build_model(spec, backbone_net)
+    reference = monai_reference(fast)
+    assert not any(isinstance(m, (ChannelInstanceNorm, SdpaWindowAttention)) for m in reference.modules())
+    image = torch.rand(1, 2, *spec.roi_size, generator=torch.Generator().manual_seed(1))
+    for net in (fast, reference):
+        net.zero_grad(set_to_none=True)
+        net(image, "ctpet").square().mean().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(image, "ctpet"), reference(image, "ctpet"), rtol=0, atol=1e-4)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    for name, p in fast.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-5)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on the project's CPU machines
+    assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "b")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
