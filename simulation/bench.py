@@ -35,11 +35,11 @@ from typing import Any
 
 HELP = "benchmark PEMMA vs its baselines on the IBSI PET/CT sites (Dice, size, upload, speed, memory) -> BENCHMARKS.md"
 
-# Budgets (optimiser steps, batch 2). Measured on the project's 2-core CPU machine, small
-# preset, one thread per core: a UNETR training step takes about 1-2 s, a Swin UNETR step
-# 3-8 s (PEMMA / full fine-tuning), evaluating one model in one mode on the 8 test cases
-# (50 windows of 64^3) 10-15 s (UNETR) and 30-50 s (Swin UNETR).
-# Fixed costs (evaluations, speed and memory runs) take about half of the full run.
+# Budgets (optimiser steps, batch 2), measured on the project's 2-core CPU machine (small
+# preset, 1 thread, other jobs running): a UNETR step takes 1.8-2.1 s, a Swin UNETR step
+# 5.8 s (PEMMA) to 9 s (full fine-tuning); evaluating one model in one mode on the 8 test
+# cases (50 windows of 64^3) 20 s (UNETR) / 60 s (Swin UNETR). The full run took 54 min,
+# --quick (UNETR only) 3-6 min. Evaluations, speed and memory runs are about half of it.
 FULL_BUDGETS = {"unetr": (80, 3, 4), "swin-unetr": (24, 2, 2)}  # pretrain steps, fed rounds, fed local steps
 QUICK_BUDGETS = {"unetr": (8, 1, 2), "swin-unetr": (4, 1, 1)}
 
@@ -75,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-steps", type=int, help="timed steps per speed variant (default 3; quick 1)")
     parser.add_argument("--fed-engine", choices=("simulation", "inprocess"), default="simulation",
                         help="federated row on Flower's simulation engine (default) or in this process (tests)")
+    parser.add_argument("--lr-backbone", type=float, default=1e-3, help="CT backbone and CNN learning rate (default 1e-3)")
+    parser.add_argument("--lr-full", type=float, default=5e-4,
+                        help="full fine-tuning learning rate: CT-only, PET-only, early fusion (default 5e-4)")
+    parser.add_argument("--lr-adapter", type=float, default=2e-3,
+                        help="PEMMA adapter learning rate, centralized and federated (default 2e-3)")
+    parser.add_argument("--report-only", type=Path, metavar="RUN",
+                        help="rewrite the markdown of a finished run from its bench.json (RUN: the output folder or "
+                             "the JSON file; plots in plots/ beside it); runs nothing")
+    parser.add_argument("--report-to", type=Path, metavar="MD",
+                        help="with --report-only: write the markdown here (plot links made relative to it)")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -109,6 +119,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         budgets=budgets,
         cnn_steps=args.cnn_steps if args.cnn_steps is not None else first.pretrain_steps + first.steps,
         batch_size=args.batch_size,
+        lr_backbone=args.lr_backbone,
+        lr_full=args.lr_full,
+        lr_adapter=args.lr_adapter,
         chunk=2 if args.quick else 10,
         overlap=args.overlap,
         speed_steps=args.speed_steps if args.speed_steps is not None else (1 if args.quick else 3),
@@ -304,7 +317,31 @@ def _run_bench(config: Any, command: str, say: Progress) -> dict[str, Any]:
     return results
 
 
+def rewrite_report(run_path: Path, report_to: Path | None = None) -> int:
+    """``--report-only``: the markdown again from a finished run's bench.json (same numbers)."""
+    from simulation.bench_report import targets, write_markdown
+
+    source = run_path / "bench.json" if run_path.is_dir() else run_path
+    if not source.is_file():
+        print(f"pemma bench: {source} does not exist", file=sys.stderr)
+        return 2
+    results = json.loads(source.read_text(encoding="utf-8"))
+    if not results.get("complete"):
+        print(f"pemma bench: {source} is from a run that did not finish", file=sys.stderr)
+        return 2
+    results["targets"] = targets(results)
+    results["report_rewritten"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json(source, results)
+    target = (report_to or source.parent / "BENCHMARKS.md").expanduser().resolve()
+    plots = Path(os.path.relpath(source.parent / "plots", target.parent))
+    json_link = Path(os.path.relpath(source, target.parent)).as_posix()
+    print(write_markdown(results, target, plots_link=plots.as_posix(), json_link=json_link))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report_only is not None:
+        return rewrite_report(args.report_only.expanduser().resolve(), args.report_to)
     problem = check_device(args.device)
     if problem:
         print(f"pemma bench: {problem}", file=sys.stderr)

@@ -81,7 +81,7 @@ class BenchConfig:
     batch_size: int = 2
     lr_backbone: float = 1e-3  # CT backbone and the CNN, from scratch
     lr_full: float = 5e-4  # full fine-tuning from the CT weights (ct-only, pet-only, early-fusion)
-    lr_adapter: float = 2e-3  # PEMMA adapters (the project's adapt default)
+    lr_adapter: float = 2e-3  # PEMMA adapters, centralized and federated alike
     chunk: int = 10  # steps between progress lines
     overlap: float = 0.25  # sliding-window overlap of every evaluation (pemma_core.train default)
     speed_steps: int = 3

@@ -209,14 +209,19 @@ def _all_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return rows
 
 
-def write_markdown(results: Mapping[str, Any], path: Path) -> Path:
+def write_markdown(results: Mapping[str, Any], path: Path, plots_link: str = "plots", json_link: str = "bench.json") -> Path:
+    """Write the report; images are linked as ``plots_link/<file>``, the JSON named as ``json_link``
+    (both relative to ``path``)."""
     config, env = results["config"], results["environment"]
     quick = config["mode"] == "quick"
     lines: list[str] = ["# pemma benchmarks", ""]
     lines += [
         f"Written by `{results.get('command') or 'pemma bench'}` ({config['mode']} run) on {env['started']}; "
         f"{results['wall_seconds'] / 60:.1f} min wall time. Every number below comes from that run "
-        "(`bench.json` beside this file holds all of them); nothing is typed by hand.",
+        f"(`{json_link}` holds all of them); nothing is typed by hand."
+        + (f" Text regenerated from that `bench.json` on {results['report_rewritten']} (`pemma bench --report-only`)."
+           if results.get("report_rewritten") else "")
+        + f" Plots: `{plots_link}/`.",
         "",
     ]
     if quick:
@@ -337,13 +342,13 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> Path:
             lines.append(f"| {r['round']} | " + " | ".join(_f(r["dice"].get(m)) for m in MODE_ORDER) + " |")
         plot = results.get("plots", {}).get(f"federated-dice-{name}")
         if plot:
-            lines += ["", f"![federated Dice per round, {name}](plots/{Path(plot).name})"]
+            lines += ["", f"![federated Dice per round, {name}]({plots_link}/{Path(plot).name})"]
         lines.append("")
     overlays = [k for k in results.get("plots", {}) if k.startswith("overlay-")]
     if overlays:
         lines += ["## Two test cases", "", "Axial slice through the largest true tumour area: CT, PET, and the contours "
                   "of the truth (green), PEMMA-LoRA centralized in mode ctpet (red) and the CNN (cyan, dashed).", ""]
-        lines += [f"![{k}](plots/{Path(results['plots'][k]).name})" for k in overlays]
+        lines += [f"![{k}]({plots_link}/{Path(results['plots'][k]).name})" for k in overlays]
         lines.append("")
 
     # speed
@@ -407,10 +412,13 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> Path:
     if threads:
         sps = threads["seconds_per_step"]
         cores = str(threads["cores"])
-        lines += [f"Intra-op threads (measured at load average {threads['load_average'][0]:.1f}): a PEMMA-LoRA step "
-                  f"took {sps['1']:.2f} s with 1 thread and {sps[cores]:.2f} s with {cores}. When other jobs share the "
-                  "cores, OpenMP threads wait on each other and one thread per process can be faster "
-                  "(`--threads 1`, or OMP_NUM_THREADS=1).", ""]
+        faster = "1 thread" if sps["1"] < sps[cores] else f"{cores} threads"
+        lines += [f"Intra-op threads, measured at the end of the run (load average {threads['load_average'][0]:.1f}): "
+                  f"a PEMMA-LoRA step took {sps['1']:.2f} s with 1 thread and {sps[cores]:.2f} s with {cores}; "
+                  f"{faster} won at that load. With other jobs on the cores, OpenMP threads of one process wait "
+                  "on each other and a step can become several times slower than with one thread, which is why "
+                  "the bench uses one thread when the machine is loaded when it starts "
+                  f"(this run: {config.get('threads') or 'default'} thread(s), {config.get('threads_reason', '')}).", ""]
 
     # inference and loading
     lines += ["## Inference and data loading", ""]
@@ -458,9 +466,13 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> Path:
                          f"{a['pet_slices']} | {a['z_origin_offset_mm']:+.2f} | {a['pet_mask_vs_ct_mask_dice']:.3f} |")
         others = [a["pet_mask_vs_ct_mask_dice"] for a in audit if a not in low]
         low_text = ", ".join("%s (%.2f, %s)" % (a["case_id"], a["pet_mask_vs_ct_mask_dice"], a["site"]) for a in low)
+        warned = [a["case_id"] for a in low if any(f"case {a['case_id']}:" in w["message"] for w in data["warnings"])]
         lines += ["", (f"Below 0.8: {low_text}; the others {min(others):.2f}-{max(others):.2f}. " if low and others else "")
-                  + "Nothing in the checks flags a header shift (it is not detectable without the masks), so such a "
-                  "case is trained on as is; partial PET coverage is only warned about (PET reads 0 outside its field of view)."]
+                  + "No check detects a header shift as such (that needs the masks); "
+                  + (f"{', '.join(warned)} only shows up indirectly, as part of its CT lying outside the PET field of "
+                     "view (warning above). " if warned else "")
+                  + "Such a case is kept and trained on with its PET shifted against its label; partial PET coverage "
+                  "is only warned about (PET reads 0 outside its field of view), and a CT-only site never reads its PET."]
     lines.append("")
 
     if results.get("errors"):

@@ -102,7 +102,7 @@ def test_markdown_and_plots(bench_run):
     assert "Custom run" in text and "Not run here" in text
     for path in result["plots"].values():
         assert Path(path).is_file() and Path(path).stat().st_size > 1000
-        assert f"plots/{Path(path).name}" in text
+        assert f"(plots/{Path(path).name})" in text
     assert any(k.startswith("overlay-") for k in result["plots"])
 
 
