@@ -2,7 +2,7 @@
 
 * :func:`site_config_path`: which site YAML this node serves (deployment: the node config
   ``site-config``; simulation: the run config ``site-configs`` or the phantom federation,
-  by ``partition-id``).
+  written on first use, by ``partition-id``).
 * :func:`install_backbone` / :func:`site_backbone`: the frozen CT backbone, checked by
   fingerprint against the one the server names. A site that holds its own backbone file
   (node config ``backbone-file``) refuses a server whose fingerprint differs.
@@ -42,8 +42,8 @@ from pemma_core.adapters import (
 )
 from pemma_core.model import MODE_GROUPS, ModelSpec, SegmentationModel, build_backbone, build_model
 from pemma_core.modes import servable_modes
+from pemma_core.phantoms import ensure_phantom_federation
 from pemma_core.site import SiteConfig, load_site_config
-from simulation.federation import federation_site_files
 
 
 class BackboneMismatchError(RuntimeError):
@@ -58,8 +58,10 @@ def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, An
 
     1. ``node_config["site-config"]`` (a deployed SuperNode: ``--node-config "site-config='...'"``);
     2. in simulation (``partition-id`` in the node config): entry ``partition-id`` of the
-       comma-separated run config ``site-configs``, or, when that is empty, of the site
-       files in ``federation-dir`` (the phantom federation the server generated).
+       comma-separated run config ``site-configs``, or, when that is empty, of the phantom
+       federation in ``federation-dir`` (default ``RUN/federation``), which the first
+       simulated node to get here writes (``phantom-sites``, ``phantom-cases``, ``seed``).
+       The server never writes site data.
     """
     if node_config.get("site-config"):
         return Path(str(node_config["site-config"])).expanduser()
@@ -73,7 +75,8 @@ def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, An
         files = [Path(p).expanduser() for p in listed]
     else:
         folder = str(run_config.get("federation-dir") or "") or str(Path(str(run_config.get("run-dir", "runs/flwr-run"))) / "federation")
-        files = federation_site_files(Path(folder).expanduser().resolve())
+        files = ensure_phantom_federation(folder, int(run_config.get("phantom-sites", 3)),
+                                          int(run_config.get("phantom-cases", 6)), int(run_config.get("seed", 0)))
     if index >= len(files):
         raise ValueError(f"simulation node {index} has no site: only {len(files)} site config(s) ({', '.join(map(str, files))})")
     return files[index]
@@ -331,8 +334,9 @@ def ehr_stats_site(site: SiteConfig) -> SiteReply:
 
     if not has_ehr(site):
         return SiteReply({}, {}, {"site": site.name})
-    reply = SiteReply({}, {}, {"site": site.name, "ehr-stats": json.dumps(site_ehr_stats(site), sort_keys=True)})
-    check_reply(reply, {}, (1, 1, 1), site, case_ids=[c.case_id for c in site_cases(site)[0]])
+    reply = SiteReply({}, {}, {"site": site.name, wire.EHR_STATS_KEY: json.dumps(site_ehr_stats(site), sort_keys=True)})
+    check_reply(reply, {}, (1, 1, 1), site, case_ids=[c.case_id for c in site_cases(site)[0]],
+                config_keys=wire.EHR_STATS_REPLY_KEYS)
     return reply
 
 
@@ -399,9 +403,15 @@ def prognosis_site(
 
 
 def check_reply(
-    reply: SiteReply, received: Mapping[str, Any], roi_size: tuple[int, int, int], site: SiteConfig, case_ids: list[str] | None = None
+    reply: SiteReply,
+    received: Mapping[str, Any],
+    roi_size: tuple[int, int, int],
+    site: SiteConfig,
+    case_ids: list[str] | None = None,
+    config_keys: frozenset[str] = wire.REPLY_CONFIG_KEYS,
 ) -> None:
     """The client-side wire check: raise before anything but adapters, counts and metrics leaves."""
     wire.assert_clean(
-        reply.arrays, received.keys(), roi_size, reply.metrics, reply.meta, case_ids or (), where=f"reply of site {site.name}"
+        reply.arrays, received.keys(), roi_size, reply.metrics, reply.meta, case_ids or (), where=f"reply of site {site.name}",
+        config_keys=config_keys,
     )

@@ -43,13 +43,20 @@ the hazard uses its true value. Sites without ``ehr`` get time and event only.
 
 Everything is deterministic for a seed (case ``j`` of site ``i`` draws from
 ``numpy.random.default_rng([seed, i, j])``).
+
+A simulation without site YAMLs runs on the federation :func:`ensure_phantom_federation`
+writes on first use; :func:`federation_site_files` lists a federation folder's sites.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +78,13 @@ __all__ = [
     "survival_linear_predictor",
     "make_case_images",
     "make_federation",
+    "federation_site_files",
+    "ensure_phantom_federation",
     "add_arguments",
     "run",
 ]
+
+log = logging.getLogger("pemma.phantoms")
 
 HELP = "write a synthetic PET/CT federation (sites, manifests, clinical CSVs, site YAMLs)"
 
@@ -595,6 +606,47 @@ def make_federation(
         + yaml.safe_dump(federation, sort_keys=False)
     )
     return Federation(root, tuple(site_yamls), test_yaml, truth_csv, held)
+
+
+def federation_site_files(folder: str | Path) -> list[Path]:
+    """The site YAMLs of a federation folder written by :func:`make_federation`: those listed
+    in its ``federation.yaml`` (the held-out test set excluded), else every ``*/site.yaml``, sorted."""
+    folder = Path(folder)
+    listing = folder / "federation.yaml"
+    if listing.is_file():
+        sites = (yaml.safe_load(listing.read_text(encoding="utf-8")) or {}).get("sites") or []
+        files = [(folder / str(p)).resolve() for p in sites]
+    else:
+        files = sorted(p.resolve() for p in folder.glob("*/site.yaml"))
+    if not files:
+        raise FileNotFoundError(f"no federation in {folder} (no federation.yaml, no */site.yaml)")
+    return files
+
+
+def ensure_phantom_federation(folder: str | Path, n_sites: int = 3, cases_per_site: int = 6, seed: int = 0) -> list[Path]:
+    """The site YAMLs of the phantom federation in ``folder`` (no held-out test set), written
+    there first if it holds none. Simulation only (``pemma simulate``, or a simulated node of
+    ``flwr run .`` without ``site-configs``); a deployed site names its own YAML.
+
+    The federation is written into a temporary sibling folder and renamed into place, so
+    simulated nodes starting together write it at most once each and read one whole copy.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / "federation.yaml").is_file():
+        log.info("generating a phantom federation of %d sites (%d cases each) into %s", n_sites, cases_per_site, folder)
+        partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            make_federation(partial, n_sites=n_sites, cases_per_site=cases_per_site, seed=seed, test_cases=0)
+            try:
+                os.rename(partial, folder)  # site YAMLs hold relative paths: the copy works where it lands
+            except OSError as exc:
+                if not (folder / "federation.yaml").is_file():  # not another node's copy
+                    raise FileExistsError(
+                        f"{folder} exists and holds no phantom federation (no federation.yaml): refusing to write over it"
+                    ) from exc
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return federation_site_files(folder)
 
 
 # --------------------------------------------------------------------------- command

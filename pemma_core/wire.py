@@ -13,9 +13,10 @@ it replies, the server checks every reply it receives):
   site's held-out split, counts, seconds, bytes), numbers only, and never a string naming
   a case;
 * reply config: only :data:`REPLY_CONFIG_KEYS` (the site's name, the fingerprint of the
-  backbone it used and, answering ``query.ehr_stats``, ``ehr-stats``: the JSON of
+  backbone it used) and, in the reply to ``query.ehr_stats`` only
+  (:data:`EHR_STATS_REPLY_KEYS`), :data:`EHR_STATS_KEY`: the JSON of
   :func:`pemma_core.clinical.partial_stats`, aggregates of its training rows: counts,
-  sums, centred sums of squares, category sets; no row, and checked for case ids).
+  sums, centred sums of squares, category sets; no row, and checked for case ids.
 
 It also converts tensors to and from their wire form: ``float32`` or ``float16``
 (``wire-dtype``) on the wire, always ``float32`` once received so the server averages in
@@ -39,7 +40,9 @@ METRIC_KEY = re.compile(
     r"|examples-[a-z]+|dice-(?:ct|pet|ctpet)|cases-(?:ct|pet|ctpet)"
     r"|c-index|cases-survival|events-survival)$"
 )
-REPLY_CONFIG_KEYS: frozenset[str] = frozenset({"site", "fingerprint", "ehr-stats"})
+REPLY_CONFIG_KEYS: frozenset[str] = frozenset({"site", "fingerprint"})
+EHR_STATS_KEY = "ehr-stats"
+EHR_STATS_REPLY_KEYS: frozenset[str] = REPLY_CONFIG_KEYS | {EHR_STATS_KEY}  # the reply to query.ehr_stats
 
 
 class WireViolation(RuntimeError):
@@ -112,12 +115,15 @@ def payload_problems(
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     case_ids: Iterable[str] = (),
+    config_keys: Iterable[str] = REPLY_CONFIG_KEYS,
 ) -> list[str]:
     """Reasons a message's content is not "adapters, counts and aggregate metrics only".
 
     ``arrays`` maps names to anything with a ``shape`` (numpy arrays, torch tensors, or
     flwr ``Array`` objects); ``allowed_keys`` is the key set the server sent; ``case_ids``
-    (optional, known at a site) are searched for in every metric name and config value.
+    (optional, known at a site) are searched for in every metric name and config value;
+    ``config_keys``: the config entries this kind of reply may hold
+    (:data:`EHR_STATS_REPLY_KEYS` for the reply to ``query.ehr_stats``).
     """
     problems: list[str] = []
     allowed = set(allowed_keys)
@@ -133,8 +139,9 @@ def payload_problems(
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             problems.append(f"metric {key!r} is not numeric")
+    config_keys = frozenset(config_keys)
     for key, value in (config or {}).items():
-        if key not in REPLY_CONFIG_KEYS:
+        if key not in config_keys:
             problems.append(f"config entry {key!r} may not cross the wire")
         if not isinstance(value, str):
             problems.append(f"config entry {key!r} is not a string")
@@ -153,14 +160,17 @@ def assert_clean(
     config: Mapping[str, Any] | None = None,
     case_ids: Iterable[str] = (),
     where: str = "message",
+    config_keys: Iterable[str] = REPLY_CONFIG_KEYS,
 ) -> None:
     """Raise :class:`WireViolation` listing every problem :func:`payload_problems` finds."""
-    problems = payload_problems(arrays, allowed_keys, roi_size, metrics, config, case_ids)
+    problems = payload_problems(arrays, allowed_keys, roi_size, metrics, config, case_ids, config_keys)
     if problems:
         raise WireViolation(f"{where} refused: " + "; ".join(problems))
 
 
 __all__ = [
+    "EHR_STATS_KEY",
+    "EHR_STATS_REPLY_KEYS",
     "METRIC_KEY",
     "REPLY_CONFIG_KEYS",
     "WIRE_DTYPES",

@@ -3,7 +3,8 @@
 The recipe (:func:`run_federation`)::
 
     settings   <- run config ([tool.flwr.app.config], or `pemma simulate` options)
-    federation <- site YAMLs given, or a phantom federation generated into the run folder
+    sites      -> recorded only when the run config lists them (a simulation); the server
+                  never writes site data (a deployed SuperNode names its own site YAML)
     backbone   <- RUN/backbone.safetensors | backbone-file | pretrain-ct (FedAvg over CT sites)
     install    -> every site receives the backbone once and checks its fingerprint
     adapt      -> PEMMA adapters, rounds of: train (modality-aware aggregation) + evaluate
@@ -48,15 +49,13 @@ from pemma_core.adapters import (
 from pemma_core.aggregate import one_group
 from pemma_core.clinical import EhrPreprocessor
 from pemma_core.model import build_backbone, build_model
+from server.run_dir import RunDir, write_report
 from server.settings import RunSettings
 from server.strategy import ARRAYS_KEY, CONFIG_KEY, META_KEY, PemmaStrategy, RoundRecord, state_to_record
-from simulation.federation import ensure_federation
-from simulation.run_dir import RunDir, write_report
 
 log = logging.getLogger("flwr.pemma")
 INSTALL_MESSAGE_TYPE = "query.install_backbone"
 EHR_STATS_MESSAGE_TYPE = "query.ehr_stats"
-EHR_STATS_KEY = "ehr-stats"
 
 Progress = Callable[[RoundRecord], None]
 
@@ -305,12 +304,13 @@ def agree_ehr_width(grid: Grid, settings: RunSettings, installer: BackboneInstal
             log.warning("EHR statistics of site %s failed; its EHR is left out: %s", name, reply.error.reason)
             continue
         meta = reply.content.config_records.get(META_KEY, ConfigRecord())
-        problems = wire.payload_problems(reply.content.array_records.get(ARRAYS_KEY, {}), (), (1, 1, 1), None, dict(meta))
+        problems = wire.payload_problems(reply.content.array_records.get(ARRAYS_KEY, {}), (), (1, 1, 1), None, dict(meta),
+                                         config_keys=wire.EHR_STATS_REPLY_KEYS)
         if problems:
             log.warning("EHR statistics of site %s ignored: %s", name, "; ".join(problems))
             continue
-        if EHR_STATS_KEY in meta:
-            stats.append((name, json.loads(str(meta[EHR_STATS_KEY]))))
+        if wire.EHR_STATS_KEY in meta:
+            stats.append((name, json.loads(str(meta[wire.EHR_STATS_KEY]))))
     if not stats:
         log.info("no site holds EHR: the survival head has no EHR branch")
         return None
@@ -415,9 +415,8 @@ def run_federation(grid: Grid, settings: RunSettings, progress: Progress | None 
     """The whole run (see the module docstring); returns the run folder."""
     run = prepare_run_dir(settings)
     started = time.perf_counter()
-    sites = ensure_federation(settings.site_config_list(), settings.resolved_federation_dir(),
-                              settings.phantom_sites, settings.phantom_cases, settings.seed)
-    run.update_run_info(sites=[str(p) for p in sites])
+    if sites := settings.site_config_list():  # a simulation names its sites; deployed nodes name their own
+        run.update_run_info(sites=[str(p) for p in sites])
     backbone, fingerprint = obtain_backbone(grid, settings, run, progress)
     installer = install_backbone(grid, settings, backbone, fingerprint)
     adapted = adapt(grid, settings, run, backbone, installer, progress)

@@ -19,8 +19,10 @@ from pemma_core.wire import check_wire_dtype
 # run-config key -> (field, default, help)
 KEYS: dict[str, tuple[str, Any, str]] = {
     "run-dir": ("run_dir", "runs/flwr-run", "run folder (checkpoints, metrics.json, report.md)"),
-    "site-configs": ("site_configs", "", "comma-separated site YAMLs, one per simulated node (empty: phantom federation)"),
-    "federation-dir": ("federation_dir", "", "where the phantom federation is generated (empty: RUN/federation)"),
+    "site-configs": ("site_configs", "", "simulation: comma-separated site YAMLs by partition-id (empty: phantom federation; "
+                     "a deployed SuperNode names its own, node config site-config)"),
+    "federation-dir": ("federation_dir", "", "simulation without site-configs: where the simulated nodes write the phantom "
+                       "federation on first use (empty: RUN/federation)"),
     "phantom-sites": ("phantom_sites", 3, "sites of the phantom federation (site-1 CT, site-2 CT+PET, site-3 CT+PET+EHR...)"),
     "phantom-cases": ("phantom_cases", 6, "cases per phantom site"),
     "backbone": ("backbone", "unetr", "unetr | swin-unetr"),

@@ -5,7 +5,9 @@ building the train/evaluate messages, the round loop (``Strategy.start``). This 
 changes only what happens to the replies:
 
 * every reply is checked against :mod:`pemma_core.wire` (only the tensors the server
-  sent, no image-like tensor, only aggregate metric names) and
+  sent, no image-like tensor, only aggregate metric names, only the config entries
+  ``site`` and ``fingerprint``: ``ehr-stats`` belongs to the reply to ``query.ehr_stats``,
+  which the server app reads itself) and
   :func:`pemma_core.aggregate.validate_update` (shapes, dtypes, finite values, per-group
   counts, update norm at most ``max_update_norm``); a reply that fails is *rejected*
   with a logged reason and the round goes on without it;
@@ -366,7 +368,8 @@ class PemmaStrategy(FedAvg):
                     report.reason = f"evaluation failed: {msg.error.reason}"
                 continue
             metrics = dict(msg.content.metric_records.get(METRICS_KEY, MetricRecord()))
-            problems = wire.payload_problems({}, (), self.roi_size, metrics)
+            meta = dict(msg.content.config_records.get(META_KEY, ConfigRecord()))
+            problems = wire.payload_problems({}, (), self.roi_size, metrics, meta)
             if problems:
                 log.warning("round %d: evaluation reply from %s ignored: %s", record.round, name, "; ".join(problems))
                 continue

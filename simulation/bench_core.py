@@ -40,12 +40,14 @@ from pemma_core.model import FullModel, ModelSpec, SegmentationModel, build_back
 from pemma_core.modes import MODES
 from pemma_core.site import SiteConfig, load_site_config
 from pemma_core.train import autocast, predict_volume, train_local
+from server.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SITE_NAMES = ("site-a", "site-b", "site-c")  # the federation, in partition order
 QUIRK_CASES = ("STS_019", "STS_031", "STS_035", "STS_041")  # named in the IBSI README
 
 Progress = Callable[[str], None]
+ADAPT_LR = RunSettings.lr  # the product's adapt rate: the bench measures what 'pemma simulate' trains
 
 
 # ----------------------------------------------------------------------------- settings
@@ -81,7 +83,7 @@ class BenchConfig:
     batch_size: int = 2
     lr_backbone: float = 1e-3  # CT backbone and the CNN, from scratch
     lr_full: float = 5e-4  # full fine-tuning from the CT weights (ct-only, pet-only, early-fusion)
-    lr_adapter: float = 2e-3  # PEMMA adapters, centralized and federated alike
+    lr_adapter: float = ADAPT_LR  # PEMMA adapters, centralized and federated alike
     chunk: int = 10  # steps between progress lines
     overlap: float = 0.25  # sliding-window overlap of every evaluation (pemma_core.train default)
     speed_steps: int = 3
@@ -562,9 +564,8 @@ class BackboneBench:
 
     # ------------------------------------------------------------------ federated row
     def run_federated(self) -> dict[str, Any]:
-        from server.settings import RunSettings
+        from server.run_dir import RunDir, bytes_per_site, overhead_share
         from simulation.predict import load_run_model
-        from simulation.run_dir import RunDir, bytes_per_site, overhead_share
 
         assert self.backbone is not None
         run_dir = self.config.out / "runs" / f"fed-{self.name}"
@@ -577,8 +578,7 @@ class BackboneBench:
             batch_size=self.config.batch_size, pretrain_rounds=0, backbone_file=str(self.backbone_file),
             seed=self.config.seed, min_sites=2, evaluate=False,
         )
-        if "prognosis_rounds" in RunSettings.__dataclass_fields__:
-            values["prognosis_rounds"] = 0  # segmentation only: no survival phase in this benchmark
+        values["prognosis_rounds"] = 0  # segmentation only: no survival phase in this benchmark
         settings = RunSettings(**values)
         self.say(f"PEMMA-LoRA federated: {settings.rounds} rounds x 3 sites x {settings.local_steps} steps "
                  f"through Flower ({self.config.fed_engine})")

@@ -29,8 +29,8 @@ def evaluate_run(
     from pemma_core.modes import servable_modes
     from pemma_core.site import load_site_config
     from pemma_core.train import evaluate
+    from server.run_dir import RunDir
     from simulation.predict import load_run_model
-    from simulation.run_dir import RunDir
 
     run = RunDir(run_dir)
     chosen = max(run.checkpoints("adapt")) if round_ is None else round_
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulation.run_dir import RunDir
+    from server.run_dir import RunDir
 
     sites = args.sites or [Path(p) for p in RunDir(args.run).metrics()["run"].get("sites", [])]
     if not sites:

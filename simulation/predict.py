@@ -34,7 +34,7 @@ def load_run_model(run_dir: str | Path, round_: int | None = None):  # -> Segmen
     """The PEMMA model of a run folder: its backbone with the adapters of ``round_`` (default: last)."""
     from pemma_core.adapters import load_adapters, load_backbone, read_adapter_file
     from pemma_core.model import ModelSpec, build_model
-    from simulation.run_dir import RunDir
+    from server.run_dir import RunDir
 
     run = RunDir(run_dir)
     if not run.backbone_file.exists():
@@ -66,7 +66,7 @@ def load_run_model(run_dir: str | Path, round_: int | None = None):  # -> Segmen
 def run_spacing(run_dir: str | Path) -> tuple[float, float, float]:
     """The spacing the run's sites resampled to (first site YAML of the run), else the default."""
     from pemma_core.site import DEFAULT_SPACING, load_site_config
-    from simulation.run_dir import RunDir
+    from server.run_dir import RunDir
 
     run = RunDir(run_dir)
     for path in run.metrics()["run"].get("sites", []):
@@ -160,13 +160,13 @@ def write_overlay(run, sites: Sequence[Path]) -> Path:
     from pemma_core import data
     from pemma_core.site import load_site_config
     from pemma_core.train import predict_volume
-    from simulation.run_dir import plot_overlay
+    from server.run_dir import plot_overlay
 
     model = load_run_model(run.path)
     configs = [load_site_config(p) for p in sites]
     config = next((c for c in configs if c.has_ct and c.has_pet), configs[0])
     # Show the mode that did best at that site in the last round (ctpet when nothing was evaluated).
-    from simulation.run_dir import phase_rounds
+    from server.run_dir import phase_rounds
 
     last = (phase_rounds(run.metrics(), "adapt") or [{}])[-1]
     dice = next((s.get("dice", {}) for s in last.get("sites", []) if s["name"] == config.name), {})

@@ -4,7 +4,7 @@ With no argument it writes the default phantom federation (3 sites: CT, CT+PET,
 CT+PET+EHR) into the run folder, runs ``pretrain-ct``, ``adapt`` then ``prognosis`` (the
 Cox head, with the EHR branch of site-3, on the frozen adapters) through the same
 ServerApp and ClientApp that ``flwr run .`` and a deployment use, prints one line per
-round, and leaves the run folder described in :mod:`simulation.run_dir` (adapters per
+round, and leaves the run folder described in :mod:`server.run_dir` (adapters per
 round, backbone, ``metrics.json``, ``report.md`` with a Dice plot and a prediction
 overlay).
 """
@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     """RunSettings from the options: defaults < (resumed run's settings) < options given."""
+    from server.run_dir import RunDir
     from server.settings import RunSettings
-    from simulation.run_dir import RunDir
 
     values: dict[str, Any] = dict(SIMULATE_DEFAULTS)
     if args.resume is not None:
@@ -94,9 +94,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         values["backbone_file"] = str(args.backbone_file.expanduser().resolve())
     if args.no_evaluate:
         values["evaluate"] = False
-    if not values.get("federation_dir"):
+    if not values.get("site_configs") and not values.get("federation_dir"):  # the phantom federation's folder
         values["federation_dir"] = str(Path(values["run_dir"]) / "federation")
-    return RunSettings(**values)
+    settings = RunSettings(**values)
+    missing = [p for p in settings.site_config_list() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"site config(s) not found: {', '.join(map(str, missing))}")
+    return settings
 
 
 def _quiet_flower(verbose: bool) -> None:
@@ -137,15 +141,17 @@ def simulate(settings: Any, verbose: bool = False) -> Path:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
+    from pemma_core.phantoms import ensure_phantom_federation
+    from server.run_dir import RunDir, write_report
     from server.server_app import make_server_app
-    from simulation.federation import ensure_federation
     from simulation.predict import write_overlay
-    from simulation.run_dir import RunDir, write_report
 
     _quiet_flower(verbose)
-    # The sites are known before Flower starts: one simulated SuperNode per site YAML.
-    sites = ensure_federation(settings.site_config_list(), settings.resolved_federation_dir(),
-                              settings.phantom_sites, settings.phantom_cases, settings.seed)
+    # The sites are known before Flower starts: one simulated SuperNode per site YAML (the
+    # phantom federation is written here, by the simulation, never by the server).
+    sites = settings.site_config_list() or ensure_phantom_federation(
+        settings.resolved_federation_dir(), settings.phantom_sites, settings.phantom_cases, settings.seed
+    )
     settings.site_configs = ",".join(str(p) for p in sites)
     overrides = settings.to_run_config()
     cpus = max(1, os.cpu_count() or 1)
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.perf_counter()
     path = simulate(settings, verbose=args.verbose)
-    from simulation.run_dir import RunDir, overhead_share, phase_rounds
+    from server.run_dir import RunDir, overhead_share, phase_rounds
 
     metrics = RunDir(path).metrics()
     last = phase_rounds(metrics, "adapt")[-1]

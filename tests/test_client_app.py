@@ -32,6 +32,15 @@ def test_site_config_from_node_config_or_partition(tmp_path: Path, site_yaml: Pa
         task.site_config_path({}, {})
 
 
+def test_a_simulated_node_without_site_configs_serves_the_phantom_federation(tmp_path: Path) -> None:
+    run_config = {"site-configs": "", "federation-dir": str(tmp_path / "fed"), "phantom-sites": 2, "phantom-cases": 1, "seed": 0}
+    second = task.site_config_path({"partition-id": 1, "num-partitions": 2}, run_config)  # the first node writes it
+    assert second == (tmp_path / "fed" / "site-2" / "site.yaml").resolve() and second.is_file()
+    assert task.site_config_path({"partition-id": 0, "num-partitions": 2}, run_config).parent.name == "site-1"
+    with pytest.raises(ValueError, match="only 2 site config"):
+        task.site_config_path({"partition-id": 2}, run_config)
+
+
 def test_ct_only_site_may_send_only_shared_and_ct(site_yaml: Path) -> None:
     site = load_site_config(site_yaml)
     assert task.site_modes(site) == ["ct"]

@@ -117,6 +117,22 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert first.test_yaml is None and not (first.root / "test").exists()
 
 
+def test_phantom_federation_is_written_once_and_never_over_other_files(tmp_path: Path) -> None:
+    folder = tmp_path / "fed"
+    files = phantoms.ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0)
+    assert files == [(folder / f"site-{i}" / "site.yaml").resolve() for i in (1, 2)]
+    assert phantoms.federation_site_files(folder) == files and not (folder / "test").exists()
+    written = (folder / "federation.yaml").stat().st_mtime_ns
+    assert phantoms.ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0) == files  # reused
+    assert (folder / "federation.yaml").stat().st_mtime_ns == written
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a federation")
+    with pytest.raises(FileExistsError, match="no federation.yaml"):
+        phantoms.ensure_phantom_federation(other, n_sites=1, cases_per_site=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fed", "other"]  # no partial copy left behind
+
+
 def test_truth_matches_hazard_formula(phantom_federation: Federation) -> None:
     truth = pd.read_csv(phantom_federation.truth_csv)
     for row in truth.itertuples():

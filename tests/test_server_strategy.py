@@ -129,3 +129,19 @@ def test_reply_claiming_another_backbone_is_rejected(global_state: dict[str, np.
     msg.content["meta"]["fingerprint"] = "other"
     _, reasons = strategy.check_reply(msg)
     assert any("backbone" in r for r in reasons)
+
+
+def test_ehr_stats_only_in_the_statistics_reply(global_state: dict[str, np.ndarray]) -> None:
+    """``ehr-stats`` answers ``query.ehr_stats``; in a train or evaluate reply it is an unexpected entry."""
+    from server.strategy import RoundRecord
+
+    strategy = make_strategy(global_state, min_sites=1)
+    msg = reply(1, "a", {"lora": global_state["lora"] + 1}, {"shared": 1})
+    msg.content["meta"]["ehr-stats"] = "{}"
+    _, reasons = strategy.check_reply(msg)
+    assert reasons == ["site 'a': config entry 'ehr-stats' may not cross the wire"]
+    strategy._current = RoundRecord(phase="adapt", round=1)
+    evaluation = reply(1, "a", {}, {}, **{"dice-ct": 0.5})
+    evaluation.content["meta"]["ehr-stats"] = "{}"
+    assert strategy.aggregate_evaluate(1, [evaluation]) is None  # the reply is ignored, with a logged reason
+    assert strategy._current.sites[1].dice == {}

@@ -23,10 +23,10 @@ from pemma_core import wire
 from pemma_core.adapters import read_adapter_file, save_backbone
 from pemma_core.model import build_backbone
 from pemma_core.phantoms import make_federation
+from server.run_dir import RunDir
 from server.server_app import run_federation
 from server.settings import RunSettings
 from simulation.inprocess import InProcessGrid
-from simulation.run_dir import RunDir
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -119,7 +119,9 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
         meta = dict(reply.content["meta"])
         assert set(reply.content.keys()) == {"arrays", "metrics", "meta"}
         assert set(arrays.keys()) <= sent_keys
-        assert wire.payload_problems(arrays, sent_keys, roi, metrics, meta, case_ids) == []
+        is_stats = exchange.instruction.metadata.message_type == "query.ehr_stats"
+        config_keys = wire.EHR_STATS_REPLY_KEYS if is_stats else wire.REPLY_CONFIG_KEYS
+        assert wire.payload_problems(arrays, sent_keys, roi, metrics, meta, case_ids, config_keys) == []
         for key, array in arrays.items():
             assert not wire.looks_like_image(array.shape, roi)
             assert array.dtype == "float16"  # wire-dtype float16, both phases
@@ -253,6 +255,18 @@ def test_a_site_with_another_backbone_refuses_to_join(tmp_path: Path, federation
     sites = {s["node_id"]: s for s in run_dir.metrics()["rounds"][0]["sites"]}
     assert sites[1]["status"] == "failed" and "refusing to train" in sites[1]["reason"]
     assert run_dir.metrics()["rounds"][0]["aggregated"] is True
+
+
+def test_a_deployed_federation_gets_no_phantom_data_from_the_server(
+    tmp_path: Path, federation: list[Path], backbone_file: Path
+) -> None:
+    """Deployment: ``site-configs`` empty, every SuperNode names its own site (node config ``site-config``)."""
+    phantom_dir = tmp_path / "phantom-federation"
+    settings = settings_for(tmp_path / "run", [], backbone_file=str(backbone_file), federation_dir=str(phantom_dir))
+    run_dir, _ = run(settings, node_configs=[{"site-config": str(p)} for p in federation])
+    assert run_dir.metrics()["rounds"][0]["aggregated"] is True
+    assert not phantom_dir.exists() and not (run_dir.path / "federation").exists()
+    assert "sites" not in run_dir.metrics()["run"]  # no site path the run did not use
 
 
 # ------------------------------------------------------------------------- resume

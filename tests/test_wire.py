@@ -66,5 +66,9 @@ def test_clean_payload_passes() -> None:
     metrics = {"loss": 0.5, "num-examples": 4, "train-seconds": 1.5, "bytes-up": 128, "dice-ctpet": 0.6, "cases-ctpet": 2}
     assert wire.payload_problems({"a": np.zeros((3, 3))}, ["a", "b"], ROI, metrics, {"site": "s", "fingerprint": "f"}) == []
     prognosis = {"loss": 0.4, "c-index": 0.7, "cases-survival": 2, "events-survival": 3, "examples-prognosis": 3}
-    assert wire.payload_problems({}, [], ROI, prognosis, {"site": "s", "ehr-stats": "{}"}) == []
+    assert wire.payload_problems({}, [], ROI, prognosis, {"site": "s", "fingerprint": "f"}) == []
+    ehr_stats = {"site": "s", "ehr-stats": "{}"}
+    assert wire.payload_problems({}, [], ROI, {}, ehr_stats, config_keys=wire.EHR_STATS_REPLY_KEYS) == []
+    # only the reply to query.ehr_stats may hold ehr-stats
+    assert wire.payload_problems({}, [], ROI, prognosis, ehr_stats) == ["config entry 'ehr-stats' may not cross the wire"]
     assert wire.payload_problems({}, [], ROI, {"risk-case-007": 1.2}, {}) != []  # no per-patient risk

@@ -4,7 +4,7 @@
 
     RUN/
       run.json                       settings of the run (model spec, seed, rounds, sites...)
-      federation/                    the phantom federation, when no site YAML was given
+      federation/                    the phantom federation `pemma simulate` writes when given no site YAML
       backbone.safetensors           the frozen CT backbone (pretrain-ct result or --backbone-file)
       pretrain/round-<n>.safetensors CT backbone after pretraining round n
       adapters/round-<n>.safetensors global adapters after adapt round n (round-0: initial),
@@ -289,7 +289,8 @@ def plot_overlay(ct: np.ndarray, pet: np.ndarray | None, label: np.ndarray | Non
     return path
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_value(value: Any, digits: int = 3) -> str:
+    """A number for a markdown table: ``-`` for None, floats to ``digits`` places."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -329,8 +330,8 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                 if s.get("reason"):
                     status += f": {s['reason'][:200]}"
                 lines.append(
-                    f"| {r['round'] if i == 0 else ''} | {_fmt(r.get('wall_seconds'), 1) if i == 0 else ''} | {s['name']} | "
-                    f"{status} | {_fmt(s.get('loss'))} | {_fmt(s.get('train_seconds'), 2)} | {s.get('bytes_up', 0)} | {dice} |"
+                    f"| {r['round'] if i == 0 else ''} | {format_value(r.get('wall_seconds'), 1) if i == 0 else ''} | {s['name']} | "
+                    f"{status} | {format_value(s.get('loss'))} | {format_value(s.get('train_seconds'), 2)} | {s.get('bytes_up', 0)} | {dice} |"
                 )
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {r['note']} | | | | |")
@@ -345,8 +346,8 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
             for i, s in enumerate(r.get("sites", [])):
                 status = s.get("status", "") + (f": {s['reason'][:200]}" if s.get("reason") else "")
                 events = max(s.get("examples", {}).values(), default=0)
-                lines.append(f"| {r['round'] if i == 0 else ''} | {_fmt(r.get('wall_seconds'), 1) if i == 0 else ''} | "
-                             f"{s['name']} | {status} | {_fmt(s.get('loss'))} | {events} | {_fmt(s.get('c_index'))} |")
+                lines.append(f"| {r['round'] if i == 0 else ''} | {format_value(r.get('wall_seconds'), 1) if i == 0 else ''} | "
+                             f"{s['name']} | {status} | {format_value(s.get('loss'))} | {events} | {format_value(s.get('c_index'))} |")
             if "c-index" in r.get("train_metrics", {}):
                 lines.append(f"| {r['round']} | | mean | | | | {r['train_metrics']['c-index']:.3f} |")
             if r.get("note"):
