@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import UnetrBasicBlock
+from monai.networks.blocks import Convolution
 from monai.networks.nets import UNETR, SegResNet, SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 from peft import LoraConfig, inject_adapter_in_model
@@ -337,14 +337,20 @@ class ModalityPatchEmbed(nn.Module):
 
 class ModalitySkip(nn.Module):
     """Replaces the first skip encoder: frozen ``encoder1`` on the primary image (CT, or PET
-    in mode ``pet``) plus a new PET block on the raw PET whose last 1x1x1 conv starts at 0."""
+    in mode ``pet``) plus a shallow PET block on the raw PET (one 3x3x3 conv, instance norm,
+    LeakyReLU) behind a 1x1x1 gate that starts at 0.
+
+    One conv, not a residual block like ``encoder1``: this path runs at full resolution,
+    where a second 3x3x3 conv cost 20% of a UNETR PEMMA step and 96 MiB of saved
+    activations at the small preset (BENCHMARKS.md, speed and memory)."""
 
     def __init__(self, encoder1: nn.Module, channels: int, state: _ModeState) -> None:
         super().__init__()
         self.state = state
         self.encoder1 = encoder1
         self.pet_block = speed_up_monai_modules(
-            UnetrBasicBlock(3, 1, channels, kernel_size=3, stride=1, norm_name="instance", res_block=True)
+            Convolution(3, 1, channels, kernel_size=3, norm="instance",
+                        act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}))
         )
         self.pet_gate = nn.Conv3d(channels, channels, 1)
         nn.init.zeros_(self.pet_gate.weight)
@@ -513,7 +519,19 @@ def _pemma_group(name: str) -> str | None:
     return None
 
 
-class FullModel(SegmentationModel):
+class FullyTrainedModel(SegmentationModel):
+    """Base of the models trained end to end: every trainable tensor is in group
+    :data:`FULL_GROUP`, and every mode trains that group."""
+
+    @property
+    def param_groups(self) -> dict[str, str]:
+        return {n: FULL_GROUP for n, p in self.named_parameters() if p.requires_grad}
+
+    def groups_for_mode(self, mode: str) -> frozenset[str]:
+        return frozenset({FULL_GROUP})
+
+
+class FullModel(FullyTrainedModel):
     """A baseline trained end to end: ``ct-only``, ``pet-only`` or ``early-fusion``."""
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, fingerprint: str, share_weights: bool = False) -> None:
@@ -529,13 +547,6 @@ class FullModel(SegmentationModel):
             self.modes = ("ct",) if spec.kind == "ct-only" else ("pet",)
         for p in self.net.parameters():
             p.requires_grad_(True)
-
-    @property
-    def param_groups(self) -> dict[str, str]:
-        return {n: FULL_GROUP for n, p in self.named_parameters() if p.requires_grad}
-
-    def groups_for_mode(self, mode: str) -> frozenset[str]:
-        return frozenset({FULL_GROUP})
 
     def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         self.check_mode(mode)
@@ -563,7 +574,7 @@ def _two_channel_copy(ct_net: nn.Module, spec: ModelSpec) -> nn.Module:
     return net
 
 
-class CnnModel(SegmentationModel):
+class CnnModel(FullyTrainedModel):
     """``cnn-early-fusion``: MONAI ``SegResNet`` on ``[B, 2, X, Y, Z]`` (CT, PET) -> ``[B, out, X, Y, Z]``.
 
     A fully trained CNN reference for the transformer models, mode ``ctpet`` only. It has
@@ -577,13 +588,6 @@ class CnnModel(SegmentationModel):
         self.spec = spec
         self.fingerprint = ""
         self.net = SegResNet(spatial_dims=3, init_filters=CNN_INIT_FILTERS, in_channels=2, out_channels=spec.out_channels)
-
-    @property
-    def param_groups(self) -> dict[str, str]:
-        return {n: FULL_GROUP for n, p in self.named_parameters() if p.requires_grad}
-
-    def groups_for_mode(self, mode: str) -> frozenset[str]:
-        return frozenset({FULL_GROUP})
 
     def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         self.check_mode(mode)
@@ -629,6 +633,7 @@ __all__ = [
     "ChannelInstanceNorm",
     "CnnModel",
     "FullModel",
+    "FullyTrainedModel",
     "ModelSpec",
     "PemmaModel",
     "SdpaWindowAttention",

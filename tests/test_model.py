@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pemma_core.model import MODE_GROUPS, ModelSpec, build_backbone, build_model, count_parameters
+from pemma_core.model import FULL_GROUP, MODE_GROUPS, ModelSpec, build_backbone, build_model, count_parameters
 from pemma_core.train import train_local
 
 ALL_MODES = ("ct", "pet", "ctpet")
@@ -117,6 +117,14 @@ def test_baselines_train_everything_from_ct_weights(kind, modes):
             torch.testing.assert_close(model(image, modes[0]), backbone(image[:, :1]), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="runs modes"):
         model(image, "ct" if modes != ("ct",) else "pet")
+
+
+@pytest.mark.parametrize("kind", ["ct-only", "early-fusion", "cnn-early-fusion"])
+def test_fully_trained_models_put_every_tensor_in_one_group(kind):
+    model = build_model(ModelSpec(kind=kind))
+    groups = model.param_groups
+    assert set(groups) == {n for n, p in model.named_parameters() if p.requires_grad} and set(groups.values()) == {FULL_GROUP}
+    assert all(model.groups_for_mode(m) == frozenset({FULL_GROUP}) for m in model.modes)
 
 
 @pytest.mark.parametrize(
