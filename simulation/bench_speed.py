@@ -230,6 +230,32 @@ def speed_pair(backbone_file: Path, batch_file: Path, device: str, steps: int, t
     return {"variants": results, **ratios}
 
 
+def paper_speed_pair(out: Path, backbone_name: str, pooled_yaml: Path, device: str, steps: int, threads: int | None,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`speed_pair` at the ``paper`` preset, batch 1 of one real CT+PET 96^3 crop.
+
+    The backbone is untrained (seed 0): step time and memory do not depend on the weights,
+    and training a paper-size backbone is not possible in the bench's CPU budget. Its
+    file (about 370 MB) is deleted afterwards."""
+    from pemma_core.adapters import save_backbone
+    from pemma_core.model import ModelSpec, build_backbone
+    from simulation.bench_core import first_batch
+
+    spec = ModelSpec(backbone=backbone_name, preset="paper")
+    torch.manual_seed(0)
+    backbone_file = out / "backbones" / f"{backbone_name}-paper-untrained.safetensors"
+    save_backbone(backbone_file, build_backbone(spec), spec,
+                  provenance={"phase": "pemma bench speed and memory only (untrained)"})
+    batch = first_batch(pooled_yaml, spec.roi_size, 1, 0)
+    batch_file = out / f"speed-batch-{backbone_name}-paper.pt"
+    torch.save({"image": batch["image"], "label": batch["label"]}, batch_file)
+    try:
+        result = speed_pair(backbone_file, batch_file, device, steps, threads, lambda t: say(f"paper preset: {t}"))
+    finally:
+        backbone_file.unlink(missing_ok=True)
+    return {**result, "preset": "paper", "batch_size": 1, "roi": list(spec.roi_size)}
+
+
 # ----------------------------------------------------------------------------- profiling
 
 

@@ -11,6 +11,7 @@ import torch
 
 from pemma_core.cli import main
 from pemma_core.model import ChannelInstanceNorm, ModelSpec, SdpaWindowAttention, build_backbone, build_model
+from simulation.bench_report import paired_bootstrap_ci, targets
 from simulation.bench_speed import monai_reference
 
 ROW_IDS = ("ct-backbone", "ct-only", "pet-only", "early-fusion", "pemma-lora", "pemma-dora", "pemma-lora-fed")
@@ -82,6 +83,8 @@ def test_speed_profile_targets_and_data_sections(bench_run):
     assert _number(result["loading"]["cached_load_s_per_case"])
     names = {t["target"] for t in result["targets"]}
     assert any("early fusion" in n for n in names) and any("forgetting" in n for n in names)
+    assert {m for m in ("ct", "pet", "ctpet") if f"Federated PEMMA-LoRA ({m}) within 2 Dice points of centralized" in names} \
+        == {"ct", "pet", "ctpet"}  # issue 4: per mode
     assert any("step time" in n for n in names) and any("peak memory" in n for n in names)
     for t in result["targets"]:
         assert _number(t["measured"]), t
@@ -150,3 +153,32 @@ def test_cuda_request_without_cuda_is_a_clear_error(capsys, tmp_path, monkeypatc
     assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "b")]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_paired_bootstrap_interval():
+    same = {"a": 0.5, "b": 0.7, "c": 0.2}
+    assert paired_bootstrap_ci(same, same) == (0.0, 0.0)
+    shifted = {k: v + 0.03 for k, v in same.items()}  # every case 3 points better: no doubt about the gap
+    low, high = paired_bootstrap_ci(shifted, same)
+    assert low == pytest.approx(3.0) and high == pytest.approx(3.0)
+    noisy = {"a": 0.9, "b": 0.7, "c": 0.0}  # one case up 40 points, one down 20: the mean gap (+6.7) is not settled
+    low, high = paired_bootstrap_ci(noisy, same)
+    assert low < 0.0 < high
+    assert paired_bootstrap_ci({"a": 0.5}, {"a": 0.4}) is None  # one shared case: no interval
+    assert paired_bootstrap_ci({"a": 0.5, "x": 0.1}, {"a": 0.4, "y": 0.1}) is None  # only shared cases are paired
+
+
+def test_targets_flag_gaps_the_test_cases_cannot_settle():
+    def row(name, mode, per_case):
+        return {"row": name, "label": name, "dice": {mode: sum(per_case.values()) / len(per_case)},
+                "per_case": {mode: per_case}}
+
+    central = {"a": 0.60, "b": 0.60, "c": 0.60, "d": 0.60}
+    fed_clear = {k: v - 0.10 for k, v in central.items()}
+    fed_noisy = {"a": 0.90, "b": 0.30, "c": 0.62, "d": 0.60}  # mean 0.605: met, but the cases disagree
+    for fed, met, settled in ((fed_clear, False, True), (fed_noisy, True, False)):
+        rows = [row("pemma-lora", "ctpet", central), row("pemma-lora-fed", "ctpet", fed)]
+        line = next(t for t in targets({"backbones": {"unetr": {"rows": rows}}})
+                    if t["target"].startswith("Federated PEMMA-LoRA (ctpet)"))
+        assert line["met"] is met and line["settled"] is settled, line
+        assert line["ci95"][0] <= line["measured"] <= line["ci95"][1]
