@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pemma_core.model import FULL_GROUP, MODE_GROUPS, ModelSpec, build_backbone, build_model, count_parameters
-from pemma_core.train import train_local
+from pemma_core.train import mode_sampler, train_local
 
 ALL_MODES = ("ct", "pet", "ctpet")
 
@@ -166,3 +166,19 @@ def test_pemma_refuses_a_multichannel_backbone():
     spec = ModelSpec()
     with pytest.raises(ValueError, match="1-channel CT backbone"):
         build_model(spec, build_backbone(spec, in_channels=2))
+
+
+def test_mode_schedule_gives_every_mode_its_share_in_every_window():
+    import itertools
+
+    draws = list(itertools.islice(mode_sampler(ALL_MODES, None, seed=7), 40))  # DESIGN's 0.6 / 0.2 / 0.2
+    for start in range(0, 40, 5):  # every 5 consecutive steps: 3 ctpet, 1 ct, 1 pet
+        window = draws[start:start + 5]
+        assert sorted(window) == ["ct", "ctpet", "ctpet", "ctpet", "pet"], window
+    four = list(itertools.islice(mode_sampler(ALL_MODES, None, seed=0), 4))  # a site's 4 local steps of a round
+    assert {"ct", "pet", "ctpet"} <= set(four)
+    assert set(itertools.islice(mode_sampler(["ct"], None, seed=0), 5)) == {"ct"}  # a CT-only site
+    even = list(itertools.islice(mode_sampler(ALL_MODES, {"ct": 1, "pet": 1, "ctpet": 1}, seed=1), 9))
+    assert all(even.count(m) == 3 for m in ALL_MODES)
+    with pytest.raises(ValueError, match="no mode"):
+        next(mode_sampler([], None, seed=0))
