@@ -23,15 +23,22 @@ The PEMMA path, for both backbones (``e = patch embedding``, ``f = fusion``)::
     e_ct  = frozen CT patch conv(CT)
     e_pet = (frozen CT patch conv + low-rank delta)(PET)          group pet
     ctpet : tokens = f(e_ct, e_pet)                                group fusion
-    ct    : tokens = f(e_ct, a_ct(e_ct))   a_ct: CT adapter        group ct
-    pet   : tokens = f(a_pet(e_pet), e_pet) a_pet: PET adapter      group pet
+    ct    : tokens = a_ct(e_ct)            a_ct: CT adapter        group ct
+    pet   : tokens = a_pet(e_pet)          a_pet: PET adapter      group pet
     f(u, v) = u + up(down([u, v]))   a 1x1x1 projection of the concatenation that starts
                                      as "take the CT half" (up is zero at init)
+    a(x)    = x + up(gelu(down(x)))  a residual 1x1x1 bottleneck, zero at init
     first skip = frozen encoder1(CT, or PET in mode pet) + zero-init PET skip block(PET)
     LoRA/DoRA (peft) on the attention qkv and output projections     group shared
 
 Because every new branch starts at zero, modes ``ct`` and ``ctpet`` reproduce the CT
 backbone exactly at initialisation. Which groups a mode trains is ``MODE_GROUPS``.
+
+The single modes do not pass through the fusion projection (DESIGN.md puts their adapters
+"before the same projection"): only ``ctpet`` trains it, so the CT mode would follow
+wherever CT+PET training moved it. On IBSI it did: after 36 adapt steps (UNETR, DoRA) the
+CT-mode Dice was 0.374 with the projection as trained and 0.399 (the backbone's) with it reset. The
+mode a CT-only site serves now depends only on groups that CT steps train.
 """
 
 from __future__ import annotations
@@ -327,11 +334,10 @@ class ModalityPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.state.mode
         if mode == "ct":
-            e_ct = self.ct_conv(x[:, 0:1])
-            return self.fusion(e_ct, self.ct_adapter(e_ct))
+            return self.ct_adapter(self.ct_conv(x[:, 0:1]))
         e_pet = self.pet_conv(x[:, 1:2])
         if mode == "pet":
-            return self.fusion(self.pet_adapter(e_pet), e_pet)
+            return self.pet_adapter(e_pet)
         return self.fusion(self.ct_conv(x[:, 0:1]), e_pet)
 
 

@@ -272,7 +272,8 @@ def write_markdown(results: Mapping[str, Any], path: Path, plots_link: str = "pl
         f"- Preset `{config['preset']}`, batch {config['batch_size']}, seed {config['seed']}; AdamW; loss DiceCE; "
         f"learning rates: CT backbone and CNN {config['lr_backbone']}, full fine-tuning {config['lr_full']}, "
         f"PEMMA adapters {config['lr_adapter']}. PEMMA: rank 8, alpha 16, LoRA/DoRA on attention qkv + output "
-        "projection; modes drawn per batch ctpet 0.6 / ct 0.2 / pet 0.2 among those a site serves.",
+        "projection; one mode per batch in the proportions ctpet 0.6 / ct 0.2 / pet 0.2 among those a site serves "
+        "(smooth weighted round-robin: every 5 steps hold 3 ctpet, 1 ct, 1 pet).",
     ]
     for name, b in config["budgets"].items():
         lines.append(

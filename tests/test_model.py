@@ -182,3 +182,20 @@ def test_mode_schedule_gives_every_mode_its_share_in_every_window():
     assert all(even.count(m) == 3 for m in ALL_MODES)
     with pytest.raises(ValueError, match="no mode"):
         next(mode_sampler([], None, seed=0))
+
+
+def test_single_modes_do_not_depend_on_the_fusion_projection(backbone_and_spec):
+    """Only ctpet trains the fusion group, so moving it must leave the ct and pet modes alone."""
+    backbone, spec = backbone_and_spec
+    model = build_model(spec, backbone).eval()
+    image = _image(spec)
+    with torch.no_grad():
+        before = {m: model(image, m) for m in ALL_MODES}
+        fusion = [p for n, p in model.named_parameters() if model.param_groups.get(n) == "fusion"]
+        assert fusion
+        for p in fusion:
+            p.add_(torch.randn_like(p))
+        after = {m: model(image, m) for m in ALL_MODES}
+    torch.testing.assert_close(after["ct"], before["ct"], rtol=0, atol=0)
+    torch.testing.assert_close(after["pet"], before["pet"], rtol=0, atol=0)
+    assert not torch.allclose(after["ctpet"], before["ctpet"], atol=1e-4)
