@@ -36,9 +36,11 @@ backbone exactly at initialisation. Which groups a mode trains is ``MODE_GROUPS`
 
 The single modes do not pass through the fusion projection (DESIGN.md puts their adapters
 "before the same projection"): only ``ctpet`` trains it, so the CT mode would follow
-wherever CT+PET training moved it. On IBSI it did: after 36 adapt steps (UNETR, DoRA) the
-CT-mode Dice was 0.374 with the projection as trained and 0.399 (the backbone's) with it reset. The
-mode a CT-only site serves now depends only on groups that CT steps train.
+wherever CT+PET training moved it. On IBSI it did (UNETR, 36 adapt steps): the CT-mode
+Dice fell from the backbone's 0.399 to 0.322 (LoRA) and 0.178 (DoRA), and in a DoRA run
+resetting the projection alone took it from 0.374 back to 0.399. Routed this way, the
+benchmark's CT mode stays within 0.5 points of the backbone (BENCHMARKS.md, forgetting).
+The mode a CT-only site serves now depends only on groups that CT steps train.
 """
 
 from __future__ import annotations
@@ -347,8 +349,9 @@ class ModalitySkip(nn.Module):
     LeakyReLU) behind a 1x1x1 gate that starts at 0.
 
     One conv, not a residual block like ``encoder1``: this path runs at full resolution,
-    where a second 3x3x3 conv cost 20% of a UNETR PEMMA step and 96 MiB of saved
-    activations at the small preset (BENCHMARKS.md, speed and memory)."""
+    where the residual block's second 3x3x3 conv cost about a fifth of a UNETR PEMMA step
+    and 96 MiB of saved activations at the small preset; with one conv the benchmark's
+    PEMMA / full fine-tuning step-time ratio went from 0.918 to 0.743."""
 
     def __init__(self, encoder1: nn.Module, channels: int, state: _ModeState) -> None:
         super().__init__()
