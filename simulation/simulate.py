@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,26 @@ def print_round(record: Any) -> None:
         print(line, flush=True)
 
 
+def _stop_on_interrupt(run_dir: str | Path) -> Callable[[int, Any], None]:
+    """A SIGINT handler that ends the process now. Flower runs the ServerApp in a non-daemon
+    thread and, on Ctrl-C, waits for it to finish the whole run; every file of the run
+    folder is replaced atomically after each round, so stopping mid-round loses only that
+    round, and ``--resume`` continues from the last finished one."""
+
+    def handler(signum: int, frame: Any) -> None:
+        print(f"\npemma simulate: interrupted; finished rounds are in {run_dir} "
+              f"(continue with: pemma simulate --resume {run_dir})", file=sys.stderr, flush=True)
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+        os._exit(128 + signum)
+
+    return handler
+
+
 def simulate(settings: Any, verbose: bool = False) -> Path:
     """Run ``settings`` on Flower's simulation engine; returns the run folder."""
     from flwr.simulation import run_simulation
@@ -159,17 +182,23 @@ def simulate(settings: Any, verbose: bool = False) -> Path:
     print(f"pemma simulate: {len(sites)} sites, {settings.backbone}/{settings.preset} + {settings.adapter}, "
           f"{settings.pretrain_rounds} pretrain-ct + {settings.rounds} adapt + {settings.prognosis_rounds} prognosis rounds "
           f"-> {settings.run_dir}", flush=True)
-    run_simulation(
-        server_app=make_server_app(overrides, progress=print_round),
-        client_app=make_client_app(overrides),
-        num_supernodes=len(sites),
-        # One site at a time, each with every core: no oversubscription, reproducible timing.
-        backend_config={
-            "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGINT, _stop_on_interrupt(settings.run_dir)) if in_main_thread else None
+    try:
+        run_simulation(
+            server_app=make_server_app(overrides, progress=print_round),
+            client_app=make_client_app(overrides),
+            num_supernodes=len(sites),
+            # One site at a time, each with every core: no oversubscription, reproducible timing.
+            backend_config={
+                "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": verbose},
+            },
+            verbose_logging=verbose,
+        )
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     run = RunDir(settings.run_dir)
     if not run.metrics()["rounds"]:
         raise RuntimeError(f"the simulation ended without finishing a round; see the log above (run folder {run.path})")

@@ -89,3 +89,21 @@ def test_resume_takes_the_run_settings_and_the_options_given(tmp_path: Path) -> 
     assert (settings.seed, settings.wire_dtype, settings.local_steps) == (7, "float16", 3)
     fresh = simulate.settings_from_args(parser.parse_args(["--out", str(tmp_path / "new"), "--adapter", "dora"]))
     assert not fresh.resume and fresh.adapter == "dora" and fresh.rounds == simulate.SIMULATE_DEFAULTS["rounds"]
+
+
+def test_ctrl_c_ends_the_simulation_at_once_and_points_at_resume(tmp_path: Path) -> None:
+    """Flower would finish the whole run after Ctrl-C (its ServerApp thread is not a daemon);
+    pemma's handler exits at once with 130 and says how to continue."""
+    code = (
+        "import os, signal, time\n"
+        "from simulation.simulate import _stop_on_interrupt\n"
+        f"signal.signal(signal.SIGINT, _stop_on_interrupt({str(tmp_path)!r}))\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+        "print('still running')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130
+    assert "still running" not in proc.stdout
+    assert f"pemma simulate --resume {tmp_path}" in proc.stderr
