@@ -39,7 +39,7 @@ import torch
 from pemma_core.model import FullModel, ModelSpec, SegmentationModel, build_backbone, build_model, count_parameters
 from pemma_core.modes import MODES
 from pemma_core.site import SiteConfig, load_site_config
-from pemma_core.train import autocast, predict_volume, train_local
+from pemma_core.train import predict_volume, train_local
 from server.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,21 +365,12 @@ def step_peak_memory(model: SegmentationModel, batch: Mapping[str, Any], mode: s
     CPU: parameters + buffers + optimiser state, plus the highest total of the bytes
     allocated during the profiled step (``torch.profiler`` allocation events, so other
     rows' leftovers and allocator caching do not count). CUDA: ``max_memory_allocated``."""
-    from monai.losses import DiceCELoss
+    from simulation.bench_speed import make_step
 
     dev = torch.device(device)
-    model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    image, label = batch["image"].to(dev), batch["label"].to(dev)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(dev):
-            loss = loss_fn(model(image, mode).float(), label)
-        loss.backward()
-        optimizer.step()
+    step = make_step(model, batch, mode, dev, optimizer)
 
     # Optimiser state without a warm-up step: one AdamW step on zero gradients allocates it
     # and leaves the weights unchanged (zero moments give a zero update; no weight decay).

@@ -57,14 +57,17 @@ def monai_reference(model: nn.Module) -> nn.Module:
     return reference
 
 
-def make_step(model: nn.Module, batch: Mapping[str, Any], mode: str, device: torch.device) -> Callable[[], float]:
-    """One training step exactly as :func:`pemma_core.train.train_local` takes it (AdamW, DiceCE)."""
+def make_step(model: nn.Module, batch: Mapping[str, Any], mode: str, device: torch.device,
+              optimizer: torch.optim.Optimizer | None = None) -> Callable[[], float]:
+    """One training step exactly as :func:`pemma_core.train.train_local` takes it (AdamW, DiceCE),
+    with ``optimizer`` when given (default: AdamW at lr 1e-6 over the trainable tensors)."""
     from monai.losses import DiceCELoss
 
     from pemma_core.train import autocast
 
     model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     image, label = batch["image"].to(device), batch["label"].to(device)
 
