@@ -1,11 +1,13 @@
 """pemma ClientApp: one hospital of the federation.
 
-Each handler reads the site (its YAML), calls :mod:`client.task` (which calls
+Each handler reads the site (its YAML) and the message (:mod:`server.records`,
+:class:`pemma_core.protocol.Instruction`), calls :mod:`client.task` (which calls
 ``pemma_core``) and replies with what may cross the wire: adapter tensors, per-group
-example counts, aggregate metrics (checked by :mod:`pemma_core.wire` before the reply
-leaves).
+example counts, aggregate metrics (checked against :mod:`pemma_core.protocol` before the
+reply leaves).
 
-Message types (sent by :mod:`server.server_app`):
+Message types (:mod:`pemma_core.protocol`; sent by :mod:`server.server_app` and
+:mod:`server.phases`):
 
 * ``query.install_backbone``: the frozen CT backbone, once per run; kept in the site's
   cache after its fingerprint is checked (a site with its own ``backbone-file`` refuses
@@ -26,34 +28,31 @@ in simulation.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import task
-from pemma_core.model import ModelSpec
-
-ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
-
-
-def _received(msg: Message) -> tuple[dict[str, Any], dict[str, Any]]:
-    arrays = {k: a.numpy() for k, a in msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()).items()}
-    config = dict(msg.content.config_records.get(CONFIG_KEY, ConfigRecord()))
-    return arrays, config
+from pemma_core import protocol
+from pemma_core.protocol import Instruction
+from server import records
 
 
-def _reply(msg: Message, reply: task.SiteReply) -> Message:
-    content = RecordDict(
-        {
-            ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in reply.arrays.items()}),
-            METRICS_KEY: MetricRecord(reply.metrics),
-            META_KEY: ConfigRecord(reply.meta),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+def _instruction(msg: Message) -> tuple[dict[str, np.ndarray], Instruction]:
+    arrays, config = records.read_instruction(msg)
+    return arrays, Instruction.from_config(config)
+
+
+def _round_handler(work: Callable[..., protocol.Reply], site_of: Callable[[Context], task.SiteConfig]) -> Callable:
+    def handle(msg: Message, context: Context) -> Message:
+        arrays, instruction = _instruction(msg)
+        return records.reply_message(msg, work(site_of(context), context.node_config, instruction, arrays))
+
+    handle.__doc__ = work.__doc__
+    return handle
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] | None = None) -> ClientApp:
@@ -66,45 +65,37 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
     app = ClientApp(mods=list(mods or []))
 
     def site_of(context: Context) -> task.SiteConfig:
-        return task.load_site(context.node_config, {**dict(context.run_config), **dict(overrides or {})})
+        return task.load_site(context.node_config, {**dict(context.run_config), **dict(overrides or {})}, context.run_id)
 
-    @app.query("install_backbone")
+    @records.handles(app, protocol.INSTALL_BACKBONE)
     def install_backbone(msg: Message, context: Context) -> Message:
         """Keep the run's frozen CT backbone at this site (checked by fingerprint)."""
         site = site_of(context)
-        arrays, config = _received(msg)
-        spec = ModelSpec.from_dict(json.loads(str(config["model-spec"])))
-        fingerprint = task.install_backbone(site, context.node_config, arrays, spec, str(config["fingerprint"]))
-        return _reply(msg, task.SiteReply({}, {}, {"site": site.name, "fingerprint": fingerprint}))
+        arrays, config = records.read_instruction(msg)
+        spec, fingerprint = protocol.read_install_config(config)
+        fingerprint = task.install_backbone(site, context.node_config, arrays, spec, fingerprint)
+        return records.reply_message(msg, protocol.Reply(meta=protocol.reply_meta(site.name, fingerprint)))
 
-    @app.train("pretrain_ct")
+    @records.handles(app, protocol.TRAIN["pretrain-ct"])
     def pretrain_ct(msg: Message, context: Context) -> Message:
         """One round of federated CT pretraining of the whole backbone."""
-        arrays, config = _received(msg)
-        return _reply(msg, task.pretrain_site(site_of(context), config, arrays))
+        arrays, instruction = _instruction(msg)
+        return records.reply_message(msg, task.pretrain_site(site_of(context), instruction, arrays))
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        """One round of PEMMA adaptation on the modes this site serves."""
-        arrays, config = _received(msg)
-        return _reply(msg, task.train_site(site_of(context), context.node_config, config, arrays))
-
-    @app.query("ehr_stats")
+    @records.handles(app, protocol.EHR_STATS)
     def ehr_stats(msg: Message, context: Context) -> Message:
         """Aggregates of this site's EHR training rows (nothing per patient)."""
-        return _reply(msg, task.ehr_stats_site(site_of(context)))
+        return records.reply_message(msg, task.ehr_stats_site(site_of(context)))
 
-    @app.train("prognosis")
-    def prognosis(msg: Message, context: Context) -> Message:
-        """One round of the survival head (+ EHR encoder) on the frozen adapters."""
-        arrays, config = _received(msg)
-        return _reply(msg, task.prognosis_site(site_of(context), context.node_config, config, arrays))
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        """Dice per mode of the global adapters on this site's test split."""
-        arrays, config = _received(msg)
-        return _reply(msg, task.evaluate_site(site_of(context), context.node_config, config, arrays))
+    # The round messages: adapt training, prognosis training and evaluation each hand the
+    # global tensors and the instruction to the site's work (client/task.py) and reply.
+    site_work: dict[protocol.MessageType, Callable[..., protocol.Reply]] = {
+        protocol.TRAIN["adapt"]: task.train_site,
+        protocol.TRAIN["prognosis"]: task.prognosis_site,
+        protocol.EVALUATE: task.evaluate_site,
+    }
+    for message_type, work in site_work.items():
+        records.handles(app, message_type)(_round_handler(work, site_of))
 
     return app
 

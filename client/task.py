@@ -8,9 +8,10 @@
   (node config ``backbone-file``) refuses a server whose fingerprint differs.
 * :func:`build_site_model`: the PEMMA model with the global adapters loaded.
 * :func:`train_site` / :func:`evaluate_site` / :func:`pretrain_site`: call
-  :mod:`pemma_core.train` and return only what may cross the wire (see
-  :mod:`pemma_core.wire`): the tensors of the groups the site trained, per-group counts,
-  aggregate metrics.
+  :mod:`pemma_core.training.local` and return only what may cross the wire (see
+  :mod:`pemma_core.protocol`): the tensors of the groups the site trained, per-group
+  counts, aggregate metrics. Every reply is checked (:func:`check_reply`) before it
+  leaves, its metric names and config values searched for the site's case ids.
 * :func:`ehr_stats_site` / :func:`prognosis_site`: the ``prognosis`` phase: the aggregates
   of the site's EHR training rows (to agree on the EHR width), then rounds of the Cox
   head (+ EHR encoder) on the frozen adapters, replying with the head groups, the event
@@ -23,7 +24,6 @@ import json
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pemma_core import wire
-from pemma_core.adapters import (
+from pemma_core import protocol
+from pemma_core.config.run import RunSettings
+from pemma_core.config.site import SiteConfig, load_site_config
+from pemma_core.model.factory import build_model
+from pemma_core.model.files import (
     AdapterMismatchError,
     backbone_fingerprint,
     load_backbone,
@@ -40,10 +43,11 @@ from pemma_core.adapters import (
     save_backbone,
     trainable_state,
 )
-from pemma_core.model import MODE_GROUPS, ModelSpec, SegmentationModel, build_backbone, build_model
+from pemma_core.model.pemma import MODE_GROUPS, SegmentationModel
+from pemma_core.model.spec import FULL_GROUP, ModelSpec, build_backbone
 from pemma_core.modes import servable_modes
-from pemma_core.phantoms import ensure_phantom_federation
-from pemma_core.site import SiteConfig, load_site_config
+from pemma_core.phantoms.coordination import ensure_phantom_federation
+from pemma_core.protocol import Instruction, MessageType, Reply
 
 
 class BackboneMismatchError(RuntimeError):
@@ -53,7 +57,12 @@ class BackboneMismatchError(RuntimeError):
 # ----------------------------------------------------------------------------- site
 
 
-def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
+def run_settings(run_config: Mapping[str, Any], run_id: int | None = None) -> RunSettings:
+    """The run's settings as this node reads them (the same parsing and defaults as the server)."""
+    return RunSettings.from_run_config(run_config, run_id=run_id)
+
+
+def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> Path:
     """The YAML this node serves.
 
     1. ``node_config["site-config"]`` (a deployed SuperNode: ``--node-config "site-config='...'"``);
@@ -70,13 +79,10 @@ def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, An
             "this SuperNode has no site: start it with --node-config \"site-config='/path/to/site.yaml'\""
         )
     index = int(node_config["partition-id"])
-    listed = [p.strip() for p in str(run_config.get("site-configs", "")).split(",") if p.strip()]
-    if listed:
-        files = [Path(p).expanduser() for p in listed]
-    else:
-        folder = str(run_config.get("federation-dir") or "") or str(Path(str(run_config.get("run-dir", "runs/flwr-run"))) / "federation")
-        files = ensure_phantom_federation(folder, int(run_config.get("phantom-sites", 3)),
-                                          int(run_config.get("phantom-cases", 6)), int(run_config.get("seed", 0)))
+    settings = run_settings(run_config, run_id)
+    files = settings.site_config_list() or ensure_phantom_federation(
+        settings.resolved_federation_dir(), settings.phantom_sites, settings.phantom_cases, settings.seed
+    )
     if index >= len(files):
         raise ValueError(f"simulation node {index} has no site: only {len(files)} site config(s) ({', '.join(map(str, files))})")
     return files[index]
@@ -85,8 +91,8 @@ def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, An
 _SITES: dict[str, SiteConfig] = {}
 
 
-def load_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
-    path = site_config_path(node_config, run_config)
+def load_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> SiteConfig:
+    path = site_config_path(node_config, run_config, run_id)
     key = str(path.resolve())
     if key not in _SITES:
         _SITES[key] = load_site_config(path)
@@ -105,7 +111,7 @@ def site_seed(seed: int, round_: int, site: str) -> int:
 
 
 def allowed_groups(site: SiteConfig) -> frozenset[str]:
-    """Parameter groups this site may send: those its modes train (DESIGN.md section 4)."""
+    """Parameter groups this site may send: those its modes train (docs/ARCHITECTURE.md, parameter groups)."""
     groups: set[str] = set()
     for mode in site_modes(site):
         groups |= MODE_GROUPS[mode]
@@ -193,17 +199,16 @@ def site_backbone(site: SiteConfig, node_config: Mapping[str, Any], fingerprint:
 
 
 def build_site_model(
-    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
 ) -> SegmentationModel:
     """The PEMMA model on the server's backbone with the global adapters ``arrays`` loaded."""
-    fingerprint = str(config["fingerprint"])
-    spec = ModelSpec.from_dict(json.loads(str(config["model-spec"])))
+    fingerprint = str(instruction.fingerprint)
     backbone = site_backbone(site, node_config, fingerprint)
-    model = build_model(spec, backbone)
+    model = build_model(instruction.spec, backbone)
     if model.fingerprint != fingerprint:
         raise BackboneMismatchError(f"site {site.name}: model fingerprint {model.fingerprint[:12]}... != {fingerprint[:12]}...")
     try:
-        load_trainable_state(model, wire.to_tensors(arrays))
+        load_trainable_state(model, protocol.to_tensors(arrays))
     except AdapterMismatchError as exc:
         raise AdapterMismatchError(f"site {site.name}: the server's adapters do not fit: {exc}") from exc
     return model
@@ -212,35 +217,30 @@ def build_site_model(
 # ----------------------------------------------------------------------------- work
 
 
-@dataclass
-class SiteReply:
-    """Exactly what goes back to the server."""
-
-    arrays: dict[str, np.ndarray]
-    metrics: dict[str, float | int]
-    meta: dict[str, str]
-
-
 def _loaders():
-    from pemma_core import data  # imported late: the data stack (nibabel/MONAI transforms) is heavy
+    from pemma_core.data import pipeline  # imported late: the data stack (nibabel/MONAI transforms) is heavy
 
-    return data
+    return pipeline
+
+
+def _seed(instruction: Instruction, site: SiteConfig) -> int:
+    return site_seed(instruction.seed, int(instruction.round), site.name)
 
 
 def train_site(
-    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
-) -> SiteReply:
+    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
+) -> Reply:
     """One round of ``adapt`` at a site: train the modes it serves, reply with what changed."""
-    from pemma_core.train import train_local
+    from pemma_core.training.local import train_local
 
     start = time.perf_counter()
-    model = build_site_model(site, node_config, config, arrays)
+    model = build_site_model(site, node_config, instruction, arrays)
     modes = site_modes(site)
-    seed = site_seed(int(config.get("seed", 0)), int(config["round"]), site.name)
-    loader = _loaders().train_loader(site, model.roi_size, batch_size=int(config.get("batch-size", 2)), split="train", seed=seed)
+    seed = _seed(instruction, site)
+    loader = _loaders().train_loader(site, model.roi_size, batch_size=int(instruction.batch_size), split="train", seed=seed)
     setup = time.perf_counter() - start
     result = train_local(
-        model, loader, modes, steps=int(config["local-steps"]), lr=float(config["lr"]), seed=seed,
+        model, loader, modes, steps=instruction.local_steps, lr=instruction.lr, seed=seed,
         device=resolve_device(site.device),
     )
     groups = model.param_groups
@@ -248,74 +248,70 @@ def train_site(
     trained = {g for g, n in result.examples.items() if n > 0 and g in may_send}
     state = trainable_state(model.cpu())
     sent = {k: v for k, v in state.items() if groups[k] in trained}
-    out = wire.to_wire(sent, str(config.get("wire-dtype", "float32")))
+    out = protocol.to_wire(sent, str(instruction.wire_dtype))
     metrics: dict[str, float | int] = {
         "num-examples": int(max((result.examples[g] for g in trained), default=0)),
         "loss": float(result.loss),
         "steps": int(result.steps),
         "train-seconds": float(result.seconds),
         "setup-seconds": float(setup),
-        "bytes-up": wire.payload_bytes(out),
+        "bytes-up": protocol.payload_bytes(out),
+        **protocol.examples_metrics({g: result.examples[g] for g in trained}),
     }
-    metrics.update({f"examples-{g}": int(result.examples[g]) for g in sorted(trained)})
-    reply = SiteReply(out, metrics, {"site": site.name, "fingerprint": model.fingerprint})
-    check_reply(reply, arrays, model.roi_size, site)
-    return reply
+    reply = Reply(out, metrics, protocol.reply_meta(site.name, model.fingerprint))
+    return check_reply(protocol.TRAIN["adapt"], reply, arrays, model.roi_size, site)
 
 
 def evaluate_site(
-    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
-) -> SiteReply:
+    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
+) -> Reply:
     """Dice per mode of the global adapters on the site's test split (aggregate only)."""
-    from pemma_core.train import evaluate
+    from pemma_core.training.local import evaluate
 
     start = time.perf_counter()
-    model = build_site_model(site, node_config, config, arrays)
+    model = build_site_model(site, node_config, instruction, arrays)
     modes = site_modes(site)
-    loader = _loaders().eval_loader(site, split=str(config.get("eval-split", "test")))
+    loader = _loaders().eval_loader(site, split="test")
     result = evaluate(model, loader, modes, device=resolve_device(site.device))
     cases = {mode: len(per_case) for mode, per_case in result.per_case.items()}
     metrics: dict[str, float | int] = {"num-examples": max(cases.values(), default=0), "eval-seconds": time.perf_counter() - start}
     for mode, dice in result.dice.items():
         metrics[f"dice-{mode}"] = float(dice)
         metrics[f"cases-{mode}"] = int(cases[mode])
-    reply = SiteReply({}, metrics, {"site": site.name, "fingerprint": model.fingerprint})
-    check_reply(reply, arrays, model.roi_size, site, case_ids=[c for pc in result.per_case.values() for c in pc])
-    return reply
+    reply = Reply({}, metrics, protocol.reply_meta(site.name, model.fingerprint))
+    return check_reply(protocol.EVALUATE, reply, arrays, model.roi_size, site)
 
 
-def pretrain_site(site: SiteConfig, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SiteReply:
+def pretrain_site(site: SiteConfig, instruction: Instruction, arrays: Mapping[str, np.ndarray]) -> Reply:
     """One round of ``pretrain-ct``: train the whole CT backbone on CT; a site without CT sends nothing."""
-    from pemma_core.train import train_backbone
+    from pemma_core.training.local import train_backbone
 
-    spec = ModelSpec.from_dict(json.loads(str(config["model-spec"])))
+    kind, spec = protocol.TRAIN["pretrain-ct"], instruction.spec
     if not site.has_ct:
-        return SiteReply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, {"site": site.name})
+        nothing = Reply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, protocol.reply_meta(site.name))
+        return check_reply(kind, nothing, arrays, spec.roi_size, site)
     start = time.perf_counter()
     backbone = build_backbone(spec)
     floating = {k for k, v in backbone.state_dict().items() if v.is_floating_point()}
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in wire.from_wire(arrays).items()}
-    backbone.load_state_dict(state, strict=False)
-    seed = site_seed(int(config.get("seed", 0)), int(config["round"]), site.name)
-    loader = _loaders().train_loader(site, spec.roi_size, batch_size=int(config.get("batch-size", 2)), split="train", seed=seed)
+    backbone.load_state_dict(protocol.to_tensors(arrays), strict=False)
+    seed = _seed(instruction, site)
+    loader = _loaders().train_loader(site, spec.roi_size, batch_size=int(instruction.batch_size), split="train", seed=seed)
     setup = time.perf_counter() - start
-    result = train_backbone(backbone, loader, steps=int(config["local-steps"]), lr=float(config["lr"]), seed=seed,
+    result = train_backbone(backbone, loader, steps=instruction.local_steps, lr=instruction.lr, seed=seed,
                             device=resolve_device(site.device))
     sent = {k: v for k, v in backbone.cpu().state_dict().items() if k in floating and k in arrays}
-    out = wire.to_wire(sent, str(config.get("wire-dtype", "float32")))
+    out = protocol.to_wire(sent, str(instruction.wire_dtype))
     count = int(max(result.examples.values(), default=0))
     metrics: dict[str, float | int] = {
         "num-examples": count,
-        "examples-backbone": count,
+        **protocol.examples_metrics({FULL_GROUP: count}),
         "loss": float(result.loss),
         "steps": int(result.steps),
         "train-seconds": float(result.seconds),
         "setup-seconds": float(setup),
-        "bytes-up": wire.payload_bytes(out),
+        "bytes-up": protocol.payload_bytes(out),
     }
-    reply = SiteReply(out, metrics, {"site": site.name})
-    check_reply(reply, arrays, spec.roi_size, site)
-    return reply
+    return check_reply(kind, Reply(out, metrics, protocol.reply_meta(site.name)), arrays, spec.roi_size, site)
 
 
 def has_survival_labels(site: SiteConfig) -> bool:
@@ -326,58 +322,58 @@ def has_ehr(site: SiteConfig) -> bool:
     return "ehr" in site.modalities and site.clinical is not None and bool(site.clinical.covariates)
 
 
-def ehr_stats_site(site: SiteConfig) -> SiteReply:
+def ehr_stats_site(site: SiteConfig) -> Reply:
     """``query.ehr_stats``: the aggregates of the site's EHR training rows
-    (:func:`pemma_core.clinical.partial_stats`); a site without EHR answers with its name only."""
-    from pemma_core.data import site_cases
-    from pemma_core.prognosis import site_ehr_stats
+    (:func:`pemma_core.data.clinical.partial_stats`); a site without EHR answers with its name only."""
+    from pemma_core.training.prognosis import site_ehr_stats
 
-    if not has_ehr(site):
-        return SiteReply({}, {}, {"site": site.name})
-    reply = SiteReply({}, {}, {"site": site.name, wire.EHR_STATS_KEY: json.dumps(site_ehr_stats(site), sort_keys=True)})
-    check_reply(reply, {}, (1, 1, 1), site, case_ids=[c.case_id for c in site_cases(site)[0]],
-                config_keys=wire.EHR_STATS_REPLY_KEYS)
-    return reply
+    stats = json.dumps(site_ehr_stats(site), sort_keys=True) if has_ehr(site) else None
+    return check_reply(protocol.EHR_STATS, Reply(meta=protocol.reply_meta(site.name, ehr_stats=stats)), {}, (1, 1, 1), site)
 
 
 def prognosis_site(
-    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
-) -> SiteReply:
+    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
+) -> Reply:
     """One round of ``prognosis``: the Cox head (and, with EHR, the EHR encoder) trained on
     the site's train cohort over the frozen adapters; the C-index of its test split.
 
     Rule for a site without EHR on a model with an EHR branch: the head is additive and
-    the site leaves the EHR term out (:func:`pemma_core.prognosis.ehr_term`), so it
+    the site leaves the EHR term out (:func:`pemma_core.training.prognosis.ehr_term`), so it
     trains and sends ``prognosis`` only. Counts per group are the cohort's events (the
     Cox likelihood's information). A site without survival labels, or whose train cohort
     has no event, sends nothing.
     """
-    from pemma_core.clinical import EhrPreprocessor
-    from pemma_core.prognosis import check_site_covariates, evaluate_survival, load_cohort, train_survival
+    from pemma_core.data.clinical import EhrPreprocessor
+    from pemma_core.training.prognosis import check_site_covariates, evaluate_survival, load_cohort, train_survival
 
+    kind = protocol.TRAIN["prognosis"]
     start = time.perf_counter()
-    meta = {"site": site.name, "fingerprint": str(config["fingerprint"])}
+    meta = protocol.reply_meta(site.name, str(instruction.fingerprint))
     if not has_survival_labels(site):
-        return SiteReply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, meta)
-    model = build_site_model(site, node_config, config, arrays)
+        nothing = Reply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, meta)
+        return check_reply(kind, nothing, arrays, instruction.spec.roi_size, site)
+    model = build_site_model(site, node_config, instruction, arrays)
     preprocessor = None
     if model.spec.ehr_features and has_ehr(site):
-        preprocessor = EhrPreprocessor.from_metadata(json.loads(str(config["ehr-preprocessor"])))
+        if instruction.ehr_preprocessor is None:
+            raise ValueError(f"site {site.name}: the model has an EHR branch but the message carries no ehr-preprocessor")
+        preprocessor = EhrPreprocessor.from_metadata(dict(instruction.ehr_preprocessor))
         check_site_covariates(site, preprocessor)
         if preprocessor.n_features != model.spec.ehr_features:
             raise ValueError(f"site {site.name}: EHR preprocessor gives {preprocessor.n_features} features, "
                              f"the model expects {model.spec.ehr_features}")
     modes = site_modes(site)
-    cohort, ids = load_cohort(site, model.roi_size, "train", preprocessor)
+    cohort, _ = load_cohort(site, model.roi_size, "train", preprocessor)
     events = int(cohort.event.sum())
     setup = time.perf_counter() - start
     if len(cohort) < 2 or events < 1:  # the Cox likelihood has nothing to learn from
-        return SiteReply({}, {"num-examples": 0, "cases-survival": len(cohort), "train-seconds": 0.0, "bytes-up": 0}, meta)
-    torch.manual_seed(site_seed(int(config.get("seed", 0)), int(config["round"]), site.name))
-    result = train_survival(model, cohort, modes, steps=int(config["local-steps"]), lr=float(config["lr"]), omit_ehr=True)
+        nothing = Reply({}, {"num-examples": 0, "cases-survival": len(cohort), "train-seconds": 0.0, "bytes-up": 0}, meta)
+        return check_reply(kind, nothing, arrays, model.roi_size, site)
+    torch.manual_seed(_seed(instruction, site))
+    result = train_survival(model, cohort, modes, steps=instruction.local_steps, lr=instruction.lr, omit_ehr=True)
     groups = model.param_groups
     sent = {k: v for k, v in trainable_state(model).items() if groups[k] in result.examples}
-    out = wire.to_wire(sent, str(config.get("wire-dtype", "float32")))
+    out = protocol.to_wire(sent, str(instruction.wire_dtype))
     metrics: dict[str, float | int] = {
         "num-examples": len(cohort),
         "events-survival": events,
@@ -385,33 +381,31 @@ def prognosis_site(
         "steps": int(result.steps),
         "train-seconds": float(result.seconds),
         "setup-seconds": float(setup),
-        "bytes-up": wire.payload_bytes(out),
+        "bytes-up": protocol.payload_bytes(out),
+        **protocol.examples_metrics({g: events for g in result.examples}),
     }
-    metrics.update({f"examples-{g}": events for g in sorted(result.examples)})
-    case_ids = list(ids)
     try:  # the C-index of the held-out split, when it has comparable pairs
-        test, test_ids = load_cohort(site, model.roi_size, "test", preprocessor)
-        case_ids += test_ids
+        test, _ = load_cohort(site, model.roi_size, "test", preprocessor)
         eval_mode = "ctpet" if "ctpet" in modes else modes[0]
         metrics["c-index"] = float(evaluate_survival(model, test, eval_mode, omit_ehr=True))
         metrics["cases-survival"] = len(test)
     except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
         pass
-    reply = SiteReply(out, metrics, meta)
-    check_reply(reply, arrays, model.roi_size, site, case_ids=case_ids)
-    return reply
+    return check_reply(kind, Reply(out, metrics, meta), arrays, model.roi_size, site)
+
+
+def site_case_ids(site: SiteConfig) -> list[str]:
+    """Every case id in the site's manifest (usable or not): none may appear in a reply."""
+    from pemma_core.data.manifest import read_manifest
+
+    return [case.case_id for case in read_manifest(site)[0]]
 
 
 def check_reply(
-    reply: SiteReply,
-    received: Mapping[str, Any],
-    roi_size: tuple[int, int, int],
-    site: SiteConfig,
-    case_ids: list[str] | None = None,
-    config_keys: frozenset[str] = wire.REPLY_CONFIG_KEYS,
-) -> None:
-    """The client-side wire check: raise before anything but adapters, counts and metrics leaves."""
-    wire.assert_clean(
-        reply.arrays, received.keys(), roi_size, reply.metrics, reply.meta, case_ids or (), where=f"reply of site {site.name}",
-        config_keys=config_keys,
-    )
+    kind: MessageType, reply: Reply, received: Mapping[str, Any], roi_size: tuple[int, int, int], site: SiteConfig
+) -> Reply:
+    """The client-side wire check: ``reply`` if it holds only what a reply of ``kind`` may
+    (:func:`pemma_core.protocol.check_reply`, the site's case ids searched for in every
+    metric name and config value); else :class:`~pemma_core.protocol.WireViolation`."""
+    protocol.check_reply(kind, reply, received.keys(), roi_size, site_case_ids(site), where=f"reply of site {site.name}")
+    return reply

@@ -17,7 +17,7 @@ REQUIRED_MODALITIES: dict[str, frozenset[str]] = {
     "pet": frozenset({"pet"}),
     "ctpet": frozenset({"ct", "pet"}),
 }
-# Default per-batch draw when a site can serve every mode (DESIGN.md section 3).
+# Default per-batch draw when a site can serve every mode (docs/ARCHITECTURE.md, the model).
 DEFAULT_MODE_WEIGHTS: dict[str, float] = {"ctpet": 0.6, "ct": 0.2, "pet": 0.2}
 
 

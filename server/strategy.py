@@ -4,17 +4,17 @@ Flower's :class:`~flwr.serverapp.strategy.FedAvg` does the protocol: node sampli
 building the train/evaluate messages, the round loop (``Strategy.start``). This class
 changes only what happens to the replies:
 
-* every reply is checked against :mod:`pemma_core.wire` (only the tensors the server
-  sent, no image-like tensor, only aggregate metric names, only the config entries
-  ``site`` and ``fingerprint``: ``ehr-stats`` belongs to the reply to ``query.ehr_stats``,
-  which the server app reads itself) and
-  :func:`pemma_core.aggregate.validate_update` (shapes, dtypes, finite values, per-group
-  counts, update norm at most ``max_update_norm``); a reply that fails is *rejected*
-  with a logged reason and the round goes on without it;
+* every reply is checked against :mod:`pemma_core.protocol` (only the tensors the
+  server sent, no image-like tensor, only the metric names and config entries its kind
+  of reply may hold: ``ehr-stats`` belongs to the reply to ``query.ehr_stats``, which the
+  server reads itself) and
+  :func:`pemma_core.aggregation.aggregate_round`, which validates every update (shapes,
+  dtypes, finite values, per-group counts, update norm at most ``max_update_norm``); a
+  reply that fails is *rejected* with a logged reason and the round goes on without it;
 * a site that errors, times out or disconnects is simply absent from the replies;
 * the round aggregates only if at least ``min_sites`` sites replied with an accepted
   update; otherwise the global tensors stay as they were and the round is marked so;
-* aggregation is :func:`pemma_core.aggregate.aggregate_adapters` (per tensor, the
+* aggregation is :func:`pemma_core.aggregation.aggregate_round` (per tensor, the
   example-weighted mean over the sites that sent it, in float64 whatever the wire
   dtype), over the updates sorted by site name so that a run is reproducible.
 
@@ -25,7 +25,8 @@ groups ``prognosis`` / ``ehr``, weighted by their event counts, plus the C-index
 held-out split, which the round record keeps per site).
 Everything each round produced is kept in :attr:`PemmaStrategy.rounds` as a
 :class:`RoundRecord`; :attr:`on_round_end` (if set) is called with it once the round's
-evaluation is in, which is where the server app writes checkpoints and metrics.
+evaluation is in, which is where the phase runner (:mod:`server.phases`) writes checkpoints
+and metrics.
 """
 
 from __future__ import annotations
@@ -33,23 +34,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from pemma_core import wire
-from pemma_core.aggregate import SiteUpdate, aggregate_adapters, validate_update
+from pemma_core import protocol
+from pemma_core.aggregation import SiteUpdate, aggregate_round
+from pemma_core.protocol import Instruction, Reply
+from server import records
 
 log = logging.getLogger("flwr.pemma")  # a child of Flower's logger: same handlers, streamed by `flwr run --stream`
-
-PHASES = ("pretrain-ct", "adapt", "prognosis")
-# Message types: the client registers one handler per phase (client/client_app.py).
-TRAIN_MESSAGE_TYPE = {"pretrain-ct": "train.pretrain_ct", "adapt": "train", "prognosis": "train.prognosis"}
-ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, META_KEY = "arrays", "config", "metrics", "meta"
 
 
 @dataclass
@@ -68,6 +66,19 @@ class SiteReport:
     examples: dict[str, int] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
     c_index: float | None = None  # prognosis: C-index on the site's held-out split
+
+    def summary(self) -> str:
+        """One line for progress output: status, loss, training time, upload, Dice, C-index, reason."""
+        line = f"{self.name:<10} {self.status:<8}"
+        if self.loss is not None:
+            line += f" loss {self.loss:.3f}  train {self.train_seconds:.1f} s  up {self.bytes_up / 1024:.0f} KiB"
+        if self.dice:
+            line += "  Dice " + " ".join(f"{m} {v:.3f}" for m, v in self.dice.items())
+        if self.c_index is not None:
+            line += f"  C-index {self.c_index:.3f}"
+        if self.reason:
+            line += f"  {self.reason[:120]}"
+        return line
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -128,16 +139,7 @@ class RoundRecord:
 
 def state_to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
     """Global tensors as an ArrayRecord in their wire form."""
-    return ArrayRecord({k: Array(v) for k, v in wire.to_wire(state, wire_dtype).items()})
-
-
-def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """An ArrayRecord's arrays exactly as sent (dtype kept: validation sees the wire form)."""
-    return {k: a.numpy() for k, a in record.items()}
-
-
-def record_bytes(record: ArrayRecord) -> int:
-    return int(sum(len(a.data) for a in record.values()))
+    return records.to_record(protocol.to_wire(state, wire_dtype))
 
 
 class PemmaStrategy(FedAvg):
@@ -149,8 +151,9 @@ class PemmaStrategy(FedAvg):
     global_state: the global tensors at the start (float32 numpy arrays).
     groups: tensor name -> parameter group (one group ``backbone`` in pretrain-ct).
     roi_size: the model's crop, for the image-like-shape check.
-    train_config: sent to every site with each train message (local steps, lr, seed,
-        model spec, fingerprint...). ``round`` (the global round number) is added.
+    instruction: the config of every train and evaluate message (local steps, lr, seed,
+        model spec, fingerprint...); ``phase``, ``round`` (the global round number) and
+        ``wire_dtype`` are set for each round.
     min_sites: fewest accepted replies a round needs to aggregate; also the number of
         connected sites Flower waits for before sampling.
     max_update_norm: bound on ``||update - global||_2`` per site (None: no bound).
@@ -170,7 +173,7 @@ class PemmaStrategy(FedAvg):
         global_state: Mapping[str, np.ndarray],
         groups: Mapping[str, str],
         roi_size: Sequence[int],
-        train_config: Mapping[str, Any],
+        instruction: Instruction,
         min_sites: int = 2,
         max_update_norm: float | None = None,
         wire_dtype: str = "float32",
@@ -179,8 +182,8 @@ class PemmaStrategy(FedAvg):
         on_round_end: Callable[[RoundRecord, dict[str, np.ndarray]], None] | None = None,
         on_round_start: Callable[[Grid], object] | None = None,
     ) -> None:
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(PHASES)}")
+        if phase not in protocol.PHASES:
+            raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(protocol.PHASES)}")
         if min_sites < 1:
             raise ValueError(f"min-sites must be >= 1, got {min_sites}")
         super().__init__(
@@ -189,15 +192,17 @@ class PemmaStrategy(FedAvg):
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
+            arrayrecord_key=protocol.ARRAYS,
+            configrecord_key=protocol.CONFIG,
         )
         self.phase = phase
         self.global_state = {k: np.asarray(v, dtype=np.asarray(v).dtype).copy() for k, v in global_state.items()}
         self.groups = dict(groups)
         self.roi_size = tuple(roi_size)
-        self.train_config = dict(train_config)
+        self.instruction = instruction
         self.min_sites = min_sites
         self.max_update_norm = max_update_norm
-        self.wire_dtype = wire.check_wire_dtype(wire_dtype)
+        self.wire_dtype = protocol.check_wire_dtype(wire_dtype)
         self.round_offset = round_offset
         self.on_round_end = on_round_end
         self.on_round_start = on_round_start
@@ -209,19 +214,16 @@ class PemmaStrategy(FedAvg):
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, base: ConfigRecord) -> ConfigRecord:
         config = ConfigRecord(dict(base))
-        for key, value in self.train_config.items():
+        this_round = replace(self.instruction, phase=self.phase, round=self.round_offset + server_round,
+                             wire_dtype=self.wire_dtype)
+        for key, value in this_round.to_config().items():
             config[key] = value
-        config["phase"] = self.phase
-        config["round"] = self.round_offset + server_round
-        config["wire-dtype"] = self.wire_dtype
         return config
 
-    def _name(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
-        if msg.has_content() and META_KEY in msg.content.config_records:
-            site = msg.content.config_records[META_KEY].get("site")
-            if isinstance(site, str) and site:
-                self.node_names[node] = site
+    def _name(self, node: int, reply: Reply | None = None) -> str:
+        """The site's name: as the reply gives it, else as known, else ``node-<id>``."""
+        if reply is not None and reply.site:
+            self.node_names[node] = reply.site
         return self.node_names.get(node, f"node-{node}")
 
     def summary(self) -> None:
@@ -242,46 +244,37 @@ class PemmaStrategy(FedAvg):
             self.on_round_start(grid)
         wire_arrays = state_to_record(self.global_state, self.wire_dtype)
         messages = list(super().configure_train(server_round, wire_arrays, self._config(server_round, config), grid))
-        down = record_bytes(wire_arrays)
+        down = records.record_bytes(wire_arrays)
         out = []
-        for msg in messages:  # FedAvg builds "train" messages; pretrain-ct has its own handler
+        message_type = protocol.TRAIN[self.phase].name
+        for msg in messages:  # FedAvg builds "train" messages; other phases have their own handler
             node = msg.metadata.dst_node_id
-            record.site(node, self.node_names.get(node, f"node-{node}")).bytes_down = down
-            if TRAIN_MESSAGE_TYPE[self.phase] != msg.metadata.message_type:
-                msg = Message(content=msg.content, dst_node_id=node, message_type=TRAIN_MESSAGE_TYPE[self.phase])
+            record.site(node, self._name(node)).bytes_down = down
+            if msg.metadata.message_type != message_type:
+                msg = Message(content=msg.content, dst_node_id=node, message_type=message_type)
             out.append(msg)
         log.info("round %d (%s): sent %d bytes of tensors to %d sites", record.round, self.phase, down, len(out))
         return out
 
     def check_reply(self, msg: Message) -> tuple[SiteUpdate | None, list[str]]:
-        """(update, reasons to reject) for one train reply without error."""
-        content = msg.content
-        name = self._name(msg)
-        if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
-            return None, [f"site {name!r}: reply lacks '{ARRAYS_KEY}' tensors or '{METRICS_KEY}' metrics"]
-        arrays = content.array_records[ARRAYS_KEY]
-        metrics = dict(content.metric_records[METRICS_KEY])
-        meta = dict(content.config_records[META_KEY]) if META_KEY in content.config_records else {}
-        extra_records = set(content.keys()) - {ARRAYS_KEY, METRICS_KEY, META_KEY}
-        reasons = [f"site {name!r}: unexpected record {k!r} in reply" for k in sorted(extra_records)]
-        reasons += [
-            f"site {name!r}: {p}" for p in wire.payload_problems(arrays, self.global_state, self.roi_size, metrics, meta)
-        ]
-        fingerprint = self.train_config.get("fingerprint")
-        if self.phase != "pretrain-ct" and fingerprint and meta.get("fingerprint") != fingerprint:
-            reasons.append(f"site {name!r}: trained on backbone {str(meta.get('fingerprint'))[:12]}..., not {fingerprint[:12]}...")
-        tensors = record_to_state(arrays)
-        for key, array in tensors.items():
+        """(update, reasons to reject) for one train reply without error, by what the
+        protocol and this run allow: records, tensors, metric names and config entries of
+        the phase's reply, the backbone fingerprint, the wire dtype. The update's own
+        content (shapes, finite values, counts, norm) is :func:`aggregate_round`'s check."""
+        reply, malformed = records.read_reply(msg)
+        name = self._name(msg.metadata.src_node_id, reply)
+        if malformed:
+            return None, [f"site {name!r}: {p}" for p in malformed]
+        kind = protocol.TRAIN[self.phase]
+        reasons = [f"site {name!r}: {p}" for p in protocol.reply_problems(kind, reply, self.global_state, self.roi_size)]
+        fingerprint = self.instruction.fingerprint
+        if self.phase != "pretrain-ct" and fingerprint and reply.meta.get(protocol.FINGERPRINT) != fingerprint:
+            claimed = str(reply.meta.get(protocol.FINGERPRINT))
+            reasons.append(f"site {name!r}: trained on backbone {claimed[:12]}..., not {fingerprint[:12]}...")
+        for key, array in reply.arrays.items():
             if np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(self.wire_dtype):
                 reasons.append(f"site {name!r}: tensor {key!r} is {array.dtype} on the wire, expected {self.wire_dtype}")
-        examples = {
-            key.removeprefix("examples-"): int(value)
-            for key, value in metrics.items()
-            if key.startswith("examples-") and isinstance(value, (int, float)) and float(value).is_integer()
-        }
-        update = SiteUpdate(site=name, tensors=tensors, examples=examples)
-        reasons += validate_update(update, self.global_state, self.groups, self.max_update_norm)
-        return update, reasons
+        return SiteUpdate(site=name, tensors=reply.arrays, examples=protocol.examples_of(reply.metrics)), reasons
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -289,27 +282,41 @@ class PemmaStrategy(FedAvg):
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         record.train_wall_seconds = time.perf_counter() - record.started
         start = time.perf_counter()
-        accepted: list[SiteUpdate] = []
-        losses: list[tuple[float, int]] = []
-        c_indices: list[tuple[float, int]] = []
+        candidates: list[tuple[SiteUpdate, SiteReport, Mapping[str, Any]]] = []  # in reply order
         replied: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             replied.add(node)
-            name = self._name(msg)
+            reply = None if msg.has_error() else records.read_reply(msg)[0]
+            name = self._name(node, reply)
             report = record.site(node, name)
-            if msg.has_error():
+            if reply is None:
                 report.status, report.reason = "failed", msg.error.reason
                 log.warning("round %d: site %s failed and is left out: %s", record.round, name, msg.error.reason)
                 continue
-            report.bytes_up = record_bytes(msg.content.array_records.get(ARRAYS_KEY, ArrayRecord()))
-            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
-            report.train_seconds = float(metrics.get("train-seconds", 0.0))
-            report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
+            report.bytes_up = records.reply_bytes(msg)
+            report.train_seconds = float(reply.metrics.get("train-seconds", 0.0))
+            report.setup_seconds = float(reply.metrics.get("setup-seconds", 0.0))
             update, reasons = self.check_reply(msg)
             if reasons or update is None:
-                report.status, report.reason = "rejected", "; ".join(reasons)
-                log.warning("round %d: update from %s rejected: %s", record.round, name, report.reason)
+                self._reject(record, report, reasons)
+                continue
+            candidates.append((update, report, reply.metrics))
+        for node, report in record.sites.items():
+            if node not in replied:  # timed out or disconnected: Flower returned no reply
+                report.status, report.reason = "failed", "no reply (timed out or disconnected)"
+                log.warning("round %d: no reply from %s, left out", record.round, report.name)
+        # Sorted by site name so that a run is reproducible whatever order the replies came in.
+        updates = sorted((u for u, _, _ in candidates), key=lambda u: u.site)
+        outcome = aggregate_round(self.global_state, updates, self.groups, self.max_update_norm, min_sites=self.min_sites)
+        accepted = {id(update) for update in outcome.accepted}
+        rejections = iter(outcome.rejected)  # in the order of `updates`, like the accepted ones
+        rejected = {id(u): list(next(rejections).reasons) for u in updates if id(u) not in accepted}
+        losses: list[tuple[float, int]] = []
+        c_indices: list[tuple[float, int]] = []
+        for update, report, metrics in candidates:
+            if id(update) not in accepted:
+                self._reject(record, report, rejected[id(update)])
                 continue
             report.examples = dict(update.examples)
             if "loss" in metrics:
@@ -318,13 +325,8 @@ class PemmaStrategy(FedAvg):
             if "c-index" in metrics:
                 report.c_index = float(metrics["c-index"])
                 c_indices.append((report.c_index, int(metrics.get("cases-survival", 1))))
-            accepted.append(update)
-        for node, report in record.sites.items():
-            if node not in replied:  # timed out or disconnected: Flower returned no reply
-                report.status, report.reason = "failed", "no reply (timed out or disconnected)"
-                log.warning("round %d: no reply from %s, left out", record.round, report.name)
         sent = list(record.sites.values())
-        if len(accepted) < self.min_sites:
+        if not outcome.aggregated:
             record.note = (
                 f"not aggregated: {len(accepted)} accepted update(s) of {len(sent)} site(s), "
                 f"min-sites is {self.min_sites}; global tensors unchanged"
@@ -332,8 +334,7 @@ class PemmaStrategy(FedAvg):
             log.warning("round %d: %s", record.round, record.note)
             record.aggregation_seconds = time.perf_counter() - start
             return None, None
-        contributing = sorted((u for u in accepted if u.tensors), key=lambda u: u.site)
-        self.global_state = aggregate_adapters(self.global_state, contributing, self.groups)
+        self.global_state = outcome.state
         record.aggregated = True
         total = sum(n for _, n in losses) or 1
         record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
@@ -346,6 +347,10 @@ class PemmaStrategy(FedAvg):
             f", loss {record.train_metrics['loss']:.4f}" if losses else "",
         )
         return state_to_record(self.global_state), MetricRecord(record.train_metrics)
+
+    def _reject(self, record: RoundRecord, report: SiteReport, reasons: list[str]) -> None:
+        report.status, report.reason = "rejected", "; ".join(reasons)
+        log.warning("round %d: update from %s rejected: %s", record.round, report.name, report.reason)
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
@@ -360,24 +365,22 @@ class PemmaStrategy(FedAvg):
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         per_mode: dict[str, list[tuple[float, int]]] = {}
         for msg in replies:
-            name = self._name(msg)
-            report = record.site(msg.metadata.src_node_id, name)
-            if msg.has_error():
+            node = msg.metadata.src_node_id
+            reply, malformed = (None, []) if msg.has_error() else records.read_reply(msg)
+            name = self._name(node, reply)
+            report = record.site(node, name)
+            if reply is None:
                 log.warning("round %d: evaluation at %s failed: %s", record.round, name, msg.error.reason)
                 if report.status == "ok":
                     report.reason = f"evaluation failed: {msg.error.reason}"
                 continue
-            metrics = dict(msg.content.metric_records.get(METRICS_KEY, MetricRecord()))
-            meta = dict(msg.content.config_records.get(META_KEY, ConfigRecord()))
-            problems = wire.payload_problems({}, (), self.roi_size, metrics, meta)
+            problems = malformed + protocol.reply_problems(protocol.EVALUATE, reply, (), self.roi_size)
             if problems:
                 log.warning("round %d: evaluation reply from %s ignored: %s", record.round, name, "; ".join(problems))
                 continue
-            for key, value in metrics.items():
-                if key.startswith("dice-"):
-                    mode = key.removeprefix("dice-")
-                    report.dice[mode] = float(value)
-                    per_mode.setdefault(mode, []).append((float(value), int(metrics.get(f"cases-{mode}", 1))))
+            for mode, (dice, cases) in protocol.dice_of(reply.metrics).items():
+                report.dice[mode] = dice
+                per_mode.setdefault(mode, []).append((dice, cases))
         record.eval_metrics = {
             f"dice-{mode}": sum(d * n for d, n in values) / max(1, sum(n for _, n in values))
             for mode, values in sorted(per_mode.items())

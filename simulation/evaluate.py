@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HELP = "Dice per site and per mode of a run's adapters on local site data"
+from pemma_core import console
 
 
 def evaluate_run(
     run_dir: str | Path, sites: Sequence[Path], round_: int | None = None, split: str = "test", device: str = "cpu"
 ) -> dict[str, Any]:
     """``{"run", "round", "split", "sites": {name: {mode: dice}}, "cases": {name: {mode: n}}}``."""
-    from pemma_core import data
+    from pemma_core.config.site import load_site_config
+    from pemma_core.data.pipeline import eval_loader
     from pemma_core.modes import servable_modes
-    from pemma_core.site import load_site_config
-    from pemma_core.train import evaluate
+    from pemma_core.training.local import evaluate
     from server.run_dir import RunDir
     from simulation.predict import load_run_model
 
@@ -36,10 +35,10 @@ def evaluate_run(
     chosen = max(run.checkpoints("adapt")) if round_ is None else round_
     model = load_run_model(run.path, chosen)
     out: dict[str, Any] = {"run": str(run.path), "round": chosen, "split": split, "sites": {}, "cases": {}}
-    for path in sites:
+    for path in console.progress(sites, "evaluating site", label=str):
         site = load_site_config(path)
         modes = [m for m in site.modes if m in servable_modes(site.modalities)]
-        result = evaluate(model, data.eval_loader(site, split=split), modes, device=device)
+        result = evaluate(model, eval_loader(site, split=split), modes, device=device)
         out["sites"][site.name] = {m: float(v) for m, v in result.dice.items()}
         out["cases"][site.name] = {m: len(c) for m, c in result.per_case.items()}
     return out
@@ -68,13 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     sites = args.sites or [Path(p) for p in RunDir(args.run).metrics()["run"].get("sites", [])]
     if not sites:
-        print("pemma evaluate: give --sites (the run folder names none)", file=sys.stderr)
-        return 2
-    try:
-        result = evaluate_run(args.run, sites, args.round, args.split, args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"pemma evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise console.UsageError("give --sites (the run folder names none)")
+    result = evaluate_run(args.run, sites, args.round, args.split, args.device)
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

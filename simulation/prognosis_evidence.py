@@ -1,8 +1,8 @@
 """Evidence that each modality adds prognostic signal, on the synthetic federation.
 
-The phantom hazard (``pemma_core.phantoms``) depends on tumour volume (seen, at low
+The phantom hazard (``pemma_core.phantoms.physics``) depends on tumour volume (seen, at low
 contrast, in CT), PET uptake and EHR covariates. We train one CT backbone, adapt it with
-PEMMA, then fit a survival head federatedly (``pemma_core.prognosis.federated_survival``)
+PEMMA, then fit a survival head federatedly (``pemma_core.training.prognosis.federated_survival``)
 three times on the frozen encoder:
 
 * ``ct``: every site (all hold CT), features of mode ``ct``;
@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 
-from pemma_core.adapters import load_trainable_state, trainable_state
-from pemma_core.clinical import EhrPreprocessor, partial_stats, read_clinical
-from pemma_core.data import train_loader
-from pemma_core.model import ModelSpec, build_backbone, build_model
-from pemma_core.phantoms import make_federation
-from pemma_core.prognosis import evaluate_survival, federated_survival, load_cohort
-from pemma_core.site import load_site_config
-from pemma_core.train import train_backbone, train_local
+from pemma_core.config.site import load_site_config
+from pemma_core.data.clinical import EhrPreprocessor, partial_stats, read_clinical
+from pemma_core.data.pipeline import train_loader
+from pemma_core.model.factory import build_model
+from pemma_core.model.files import load_trainable_state, trainable_state
+from pemma_core.model.spec import ModelSpec, build_backbone
+from pemma_core.phantoms.writer import make_federation
+from pemma_core.training.local import train_backbone, train_local
+from pemma_core.training.prognosis import evaluate_survival, federated_survival, load_cohort
 
 CONDITIONS = ("ct", "ct+pet", "ct+pet+ehr")
 

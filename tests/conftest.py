@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pemma_core.phantoms import Federation, make_federation
+from pemma_core.phantoms.writer import Federation, make_federation
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pemma_core.adapters import (
+from pemma_core.model.files import (
     AdapterMismatchError,
     backbone_fingerprint,
     load_adapters,
@@ -17,7 +17,8 @@ from pemma_core.adapters import (
     save_backbone,
     trainable_state,
 )
-from pemma_core.model import ModelSpec, build_backbone, build_model
+from pemma_core.model.factory import build_model
+from pemma_core.model.spec import ModelSpec, build_backbone
 
 
 def _perturb(model, scale=0.05, seed=1):
@@ -119,9 +120,38 @@ def test_backbone_file_round_trip_keeps_fingerprint(tmp_path):
         load_backbone(save_adapters(tmp_path / "a.safetensors", build_model(spec, backbone)))
 
 
+def test_backbone_file_whose_tensors_do_not_match_its_fingerprint_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    spec = ModelSpec()
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(path, build_backbone(spec), spec)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    name = next(n for n, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3  # altered after it was written; metadata kept
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(AdapterMismatchError, match="do not match the fingerprint"):
+        load_backbone(path)
+
+
 def test_fingerprint_depends_on_every_tensor():
     backbone = build_backbone(ModelSpec())
     before = backbone_fingerprint(backbone)
     with torch.no_grad():
         next(iter(backbone.parameters())).view(-1)[0] += 1e-6
     assert backbone_fingerprint(backbone) != before
+
+
+def test_backbone_file_with_a_bad_spec_names_the_field(tmp_path):
+    from safetensors.torch import save_file
+
+    spec = ModelSpec()
+    backbone = build_backbone(spec)
+    path = tmp_path / "backbone.safetensors"
+    metadata = {"format": "pemma-backbone/1", "fingerprint": backbone_fingerprint(backbone), "spec": '{"rank": "8"}'}
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path), metadata)
+    with pytest.raises(AdapterMismatchError, match="model spec field 'rank' must be int"):
+        load_backbone(path)

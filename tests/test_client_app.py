@@ -1,4 +1,4 @@
-"""Client side: which site a node serves, and refusing a backbone with another fingerprint."""
+"""Client side: which site a node serves, refusing a backbone with another fingerprint, checking every reply."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from client import task
-from pemma_core.adapters import backbone_fingerprint, save_backbone
-from pemma_core.model import ModelSpec, build_backbone
-from pemma_core.site import load_site_config
+from pemma_core.config.site import load_site_config
+from pemma_core.model.files import backbone_fingerprint, save_backbone
+from pemma_core.model.spec import ModelSpec, build_backbone
+from pemma_core.protocol import EHR_STATS, EVALUATE, TRAIN, Reply, WireViolation, reply_meta
 
 
 @pytest.fixture()
@@ -72,3 +73,16 @@ def test_backbone_with_another_fingerprint_is_refused(tmp_path: Path, site_yaml:
     assert (site.cache_dir / "backbones" / f"{server_fp}.safetensors").is_file()
     task._BACKBONES.clear()
     assert backbone_fingerprint(task.site_backbone(site, {}, server_fp)) == server_fp
+
+
+def test_every_reply_is_searched_for_the_sites_case_ids(tmp_path: Path, site_yaml: Path) -> None:
+    """The client-side check knows the site's case ids (its manifest), for every kind of reply."""
+    (tmp_path / "manifest.csv").write_text("case_id,split,label,ct\ncase-007,train,l.nii.gz,c.nii.gz\n")
+    site = load_site_config(site_yaml)
+    assert task.site_case_ids(site) == ["case-007"]
+    roi = ModelSpec().roi_size
+    clean = Reply({}, {"loss": 0.1}, reply_meta(site.name, "f00d"))
+    assert task.check_reply(TRAIN["adapt"], clean, {}, roi, site) is clean
+    for kind in (TRAIN["pretrain-ct"], TRAIN["adapt"], TRAIN["prognosis"], EVALUATE, EHR_STATS):
+        with pytest.raises(WireViolation, match="case id \\('case-007'\\)"):
+            task.check_reply(kind, Reply({}, {}, reply_meta(site.name, "f00d-case-007")), {}, roi, site)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pemma_core.clinical import (
+from pemma_core.data.clinical import (
     METADATA_KEY,
     CategoricalColumn,
     ClinicalDataError,
@@ -102,10 +102,33 @@ def test_unknown_covariate_type_names_the_column(tmp_path):
 
 def test_declared_column_absent_from_csv_is_named(tmp_path):
     path = write_csv(tmp_path, "c1,10,1,60,II,x\n")
-    with pytest.raises(ClinicalDataError, match=r"\['weight'\] absent"):
+    with pytest.raises(ClinicalDataError, match=r"missing column\(s\) \['weight'\]"):
         read(path, spec={"age": "numeric", "weight": "numeric"})
-    with pytest.raises(ClinicalDataError, match=r"\['survival'\] absent"):
+    with pytest.raises(ClinicalDataError, match=r"missing column\(s\) \['survival'\]"):
         read_clinical(path, id_column="case", time="survival", event="dead", covariates={})
+
+
+def test_without_survival_columns_time_and_event_are_not_read(tmp_path):
+    path = write_csv(tmp_path, "c1,,x,60,II,x\nc2,10,1,sixty,II,x\n")  # bad time/event are not looked at
+    table, problems = read_clinical(path, "case", covariates=SPEC)
+    assert list(table.index) == ["c1"] and list(table.columns) == ["age", "stage"]
+    assert [(p.line, p.column) for p in problems] == [(3, "age")]
+    with pytest.raises(ValueError, match="together"):
+        read_clinical(path, "case", time="os_days")
+
+
+def test_a_table_without_ids_is_indexed_by_line(tmp_path):
+    path = write_csv(tmp_path, "61.5,II\n", header="age,stage\n")
+    table, problems = read_clinical(path, None, covariates=SPEC)
+    assert problems == [] and table.index.name == "line" and list(table.index) == [2]
+    assert table.loc[2, "age"] == 61.5 and table.loc[2, "stage"] == "II"
+
+
+def test_undecodable_file_is_a_clinical_error(tmp_path):
+    path = tmp_path / "clinical.csv"
+    path.write_bytes(HEADER.encode() + b"c1,10,1,60,\xe9\xff,x\n")
+    with pytest.raises(ClinicalDataError, match="cannot be read as CSV"):
+        read(path)
 
 
 def test_missing_file_error_names_the_path(tmp_path):

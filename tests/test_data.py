@@ -15,25 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from pemma_core import data as data_module
+from benchmarks.loading import measure_loading
 from pemma_core.cli import main as pemma
-from pemma_core.data import (
-    BadCaseError,
+from pemma_core.config.site import SiteConfig, load_site_config
+from pemma_core.data.checks import check_case
+from pemma_core.data.inference_io import InferenceMeta, load_for_inference, write_prediction
+from pemma_core.data.manifest import BadCaseError, SiteDataError, read_manifest
+from pemma_core.data.pipeline import (
     Preprocessing,
-    SiteDataError,
-    check_case,
     deterministic_transform,
     eval_loader,
-    load_for_inference,
-    measure_loading,
-    read_manifest,
     site_cases,
     train_loader,
     train_transform,
-    write_prediction,
 )
-from pemma_core.phantoms import Federation
-from pemma_core.site import SiteConfig, load_site_config
+from pemma_core.phantoms.writer import Federation
 
 BAD = "site-2-001"  # the case each corruption test damages (train split of the CT+PET site)
 
@@ -447,7 +443,7 @@ def test_prediction_goes_back_to_the_original_ct_grid(phantom_federation: Federa
     soft, _ = loaded(write_prediction(probabilities, meta, tmp_path / "soft.nii.gz"))
     assert dice(soft, truth) > 0.75
 
-    from_batch = data_module.InferenceMeta.from_batch(batch)
+    from_batch = InferenceMeta.from_batch(batch)
     np.testing.assert_array_equal(from_batch.grid_affine, meta.grid_affine)
     with pytest.raises(ValueError, match="refusing to overwrite"):
         write_prediction(batch["label"], meta, case.ct)
@@ -499,7 +495,7 @@ def test_check_site_command(copy_phantom_site, tmp_path: Path, capsys: pytest.Ca
     assert f"{BAD}  train  bad" in text and "problem:" in text and "NOT READY" in text
 
     set_yaml_key(yaml_path, "on_bad_case", "skipp")
-    assert pemma(["check-site", str(yaml_path), "--json"]) == 2
+    assert pemma(["check-site", str(yaml_path), "--json"]) == 1  # still a JSON report on stdout
     assert "on_bad_case" in json.loads(capsys.readouterr().out)["error"]
     after = folder_digest(yaml_path.parent)
     assert {k: v for k, v in after.items() if k != "site.yaml"} == {k: v for k, v in before.items() if k != "site.yaml"}
@@ -530,3 +526,21 @@ def test_check_site_reports_clinical_rows(copy_phantom_site, capsys: pytest.Capt
     assert any("negative time" in p and "site-3-000" in p for p in report["site_problems"])
     first = next(c for c in report["cases"] if c["case_id"] == "site-3-000")
     assert any("no usable row in the clinical CSV" in w for w in first["warnings"])
+
+
+def test_check_site_without_survival_columns_still_matches_ids(copy_phantom_site, capsys: pytest.CaptureFixture[str]) -> None:
+    yaml_path = copy_phantom_site(2)
+    text = yaml_path.read_text().replace("  time: time\n", "  time: null\n").replace("  event: event\n", "  event: null\n")
+    yaml_path.write_text(text)
+    clinical = yaml_path.parent / "clinical.csv"
+    rows = list(csv.reader(clinical.open()))
+    time_column = rows[0].index("time")
+    rows[1][time_column] = "-3"  # not read without survival columns
+    rows = [row for row in rows if row[0] != "site-3-002"]
+    with clinical.open("w", newline="") as stream:
+        csv.writer(stream).writerows(rows)
+    assert pemma(["check-site", str(yaml_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["site_problems"] == []
+    warned = {c["case_id"] for c in report["cases"] if any("no usable row" in w for w in c["warnings"])}
+    assert warned == {"site-3-002"}

@@ -11,19 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pemma_core.data import (
-    Case,
-    Preprocessing,
-    deterministic_transform,
-    eval_loader,
-    inspect_case,
-    load_for_inference,
-    measure_loading,
-    site_cases,
-    train_loader,
-    write_prediction,
-)
-from pemma_core.site import SiteConfig, load_site_config
+from benchmarks.loading import measure_loading
+from pemma_core.config.site import SiteConfig, load_site_config
+from pemma_core.data.checks import inspect_case
+from pemma_core.data.inference_io import load_for_inference, write_prediction
+from pemma_core.data.manifest import Case
+from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, site_cases, train_loader
+
+pytestmark = pytest.mark.slow  # real IBSI data
 
 REPO = Path(__file__).resolve().parents[1]
 # Smallest CT files among cases whose headers agree (STS_019's PET header is shifted, see below).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from pemma_core.cli import main
-from pemma_core.model import ModelSpec, build_model, count_parameters
+from pemma_core.model.factory import build_model, count_parameters
+from pemma_core.model.spec import ModelSpec
 
 
 def test_info_json_matches_the_model(capsys):
@@ -23,4 +24,4 @@ def test_info_json_matches_the_model(capsys):
 
 def test_info_rejects_unknown_preset(capsys):
     assert main(["info", "--preset", "huge"]) == 2
-    assert "unknown preset 'huge'" in capsys.readouterr().out
+    assert "unknown preset 'huge'" in capsys.readouterr().err

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pemma_core.model import FULL_GROUP, MODE_GROUPS, ModelSpec, build_backbone, build_model, count_parameters
-from pemma_core.train import mode_sampler, train_local
+from pemma_core.model.factory import build_model, count_parameters
+from pemma_core.model.pemma import MODE_GROUPS
+from pemma_core.model.spec import FULL_GROUP, PRESETS, ModelSpec, build_backbone
+from pemma_core.training.local import mode_sampler, train_local
 
 ALL_MODES = ("ct", "pet", "ctpet")
 
@@ -43,6 +45,37 @@ def test_ct_and_ctpet_modes_equal_backbone_at_init(backbone_and_spec, adapter):
         torch.testing.assert_close(model(image, "ctpet"), reference, rtol=0, atol=1e-5)
         # PET does change the output once the PET path is used alone.
         assert not torch.allclose(model(image, "pet"), reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_pet_mode_equals_backbone_on_the_pet_channel_at_init(backbone_and_spec, adapter):
+    # Every PET part starts as the CT backbone's own path (PET patch embedding = CT conv +
+    # a zero delta, zero-init adapter and skip gate), so mode pet at initialisation is the
+    # CT backbone applied to the PET image: channel 1, never channel 0.
+    backbone, spec = backbone_and_spec
+    model = build_model(spec.with_(adapter=adapter), backbone).eval()
+    image = _image(spec)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image, "pet"), backbone(image[:, 1:2]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_per_mode_exactly_its_groups_receive_gradients_and_are_counted(mode):
+    spec = ModelSpec()
+    torch.manual_seed(0)
+    model = build_model(spec)
+    image, label = _image(spec), _label(spec)
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(image, mode)[:, 1:], label)
+    loss.backward()
+    params = dict(model.named_parameters())
+    with_gradient = {
+        group for name, group in model.param_groups.items()
+        if params[name].grad is not None and bool(params[name].grad.abs().sum() > 0)
+    }
+    assert with_gradient == set(MODE_GROUPS[mode]), f"mode {mode}: gradients reach {sorted(with_gradient)}"
+    result = train_local(model, [{"image": image, "label": label}], [mode], steps=1, lr=1e-3)
+    assert set(result.examples) == with_gradient, f"mode {mode}: counted {sorted(result.examples)}"
 
 
 def test_backbone_is_not_modified_and_frozen_tensors_are_bit_identical_after_training(backbone_and_spec):
@@ -155,9 +188,7 @@ def test_wrong_input_shapes_get_clear_errors():
 
 
 def test_input_size_not_divisible_by_patch_is_refused(monkeypatch):
-    from pemma_core import model as model_module
-
-    monkeypatch.setitem(model_module.PRESETS["unetr"], "odd", dict(model_module.PRESETS["unetr"]["tiny"], img_size=40))
+    monkeypatch.setitem(PRESETS["unetr"], "odd", dict(PRESETS["unetr"]["tiny"], img_size=40))
     with pytest.raises(ValueError, match="not divisible by 16"):
         build_backbone(ModelSpec(preset="odd"))
 
@@ -171,7 +202,7 @@ def test_pemma_refuses_a_multichannel_backbone():
 def test_mode_schedule_gives_every_mode_its_share_in_every_window():
     import itertools
 
-    draws = list(itertools.islice(mode_sampler(ALL_MODES, None, seed=7), 40))  # DESIGN's 0.6 / 0.2 / 0.2
+    draws = list(itertools.islice(mode_sampler(ALL_MODES, None, seed=7), 40))  # the default weights 0.6 / 0.2 / 0.2
     for start in range(0, 40, 5):  # every 5 consecutive steps: 3 ctpet, 1 ct, 1 pet
         window = draws[start:start + 5]
         assert sorted(window) == ["ct", "ctpet", "ctpet", "ctpet", "pet"], window
@@ -199,3 +230,94 @@ def test_single_modes_do_not_depend_on_the_fusion_projection(backbone_and_spec):
     torch.testing.assert_close(after["ct"], before["ct"], rtol=0, atol=0)
     torch.testing.assert_close(after["pet"], before["pet"], rtol=0, atol=0)
     assert not torch.allclose(after["ctpet"], before["ctpet"], atol=1e-4)
+
+
+def _expected_pemma_groups(backbone: str, *, dora: bool = False, targets=("qkv", "proj"), pet_embed="lowrank",
+                           survival: bool = False, ehr: bool = False) -> dict[str, str]:
+    """The group of every trainable tensor of a tiny PEMMA model, written out by hand."""
+    if backbone == "unetr":
+        embed = "net.vit.patch_embedding.patch_embeddings"
+        blocks = [f"net.vit.blocks.{i}" for i in range(12)]
+        modules = {"qkv": ["attn.qkv"], "proj": ["attn.out_proj"], "mlp": ["mlp.linear1", "mlp.linear2"]}
+    else:
+        embed = "net.swinViT.patch_embed.proj"
+        blocks = [f"net.swinViT.layers{i}.0.blocks.0" for i in range(1, 5)]
+        modules = {"qkv": ["attn.qkv"], "proj": ["attn.proj"], "mlp": ["mlp.linear1", "mlp.linear2"]}
+    parts = ["lora_A.default.weight", "lora_B.default.weight"] + (["lora_magnitude_vector.default.weight"] * dora)
+    expected = {
+        f"{block}.{module}.{part}": "shared"
+        for block in blocks for target in targets for module in modules[target] for part in parts
+    }
+    for adapter, group in (("ct_adapter", "ct"), ("pet_adapter", "pet"), ("fusion", "fusion")):
+        for tensor in ("down.weight", "down.bias", "up.weight", "up.bias"):
+            expected[f"{embed}.{adapter}.{tensor}"] = group
+    pet_conv = ("lora_down", "lora_up", "bias") if pet_embed == "lowrank" else ("weight", "bias")
+    expected.update({f"{embed}.pet_conv.{t}": "pet" for t in pet_conv})
+    expected.update({f"net.encoder1.{t}": "pet" for t in
+                     ("pet_block.conv.weight", "pet_block.conv.bias", "pet_gate.weight", "pet_gate.bias")})
+    if survival:
+        expected["survival_head.net.0.weight"] = "prognosis"
+    if ehr:
+        expected.update({"ehr_encoder.net.0.weight": "ehr", "ehr_encoder.net.0.bias": "ehr"})
+    return expected
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({}, dict()),
+        ({"adapter": "dora", "survival": True, "ehr_features": 3}, dict(dora=True, survival=True, ehr=True)),
+        ({"pet_embed": "full", "targets": ("qkv", "proj", "mlp")}, dict(pet_embed="full", targets=("qkv", "proj", "mlp"))),
+        ({"survival": True}, dict(survival=True)),
+    ],
+)
+@pytest.mark.parametrize("backbone", ["unetr", "swin-unetr"])
+def test_group_of_every_trainable_tensor_is_pinned(backbone, changes, expected):
+    model = build_model(ModelSpec(backbone=backbone, **changes))
+    assert model.param_groups == _expected_pemma_groups(backbone, **expected)
+    # exactly the grouped tensors train, listed in parameter order (the order adapter files keep)
+    assert list(model.param_groups) == [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_spec_json_round_trip():
+    spec = ModelSpec(backbone="swin-unetr", adapter="dora", rank=4, targets=("qkv", "mlp"), survival=True, ehr_features=3)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert ModelSpec.from_json('{"rank": 4}') == ModelSpec(rank=4)  # a field left out takes its default
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json", "model spec is not valid JSON"),
+        ("[1, 2]", "model spec must be a JSON object, got list"),
+        ('{"rank": 8, "colour": "red"}', r"unknown field\(s\) \['colour'\]"),
+        ('{"rank": "8"}', "model spec field 'rank' must be int, got '8'"),
+        ('{"rank": true}', "model spec field 'rank' must be int"),
+        ('{"survival": 1}', "model spec field 'survival' must be bool"),
+        ('{"dropout": "0.1"}', "model spec field 'dropout' must be float"),
+        ('{"targets": "qkv"}', "model spec field 'targets' must be a list of strings"),
+        ('{"backbone": 3}', "model spec field 'backbone' must be str"),
+        ('{"preset": "huge"}', "model spec: unknown preset 'huge'"),
+        ('{"rank": 0}', "model spec: rank must be a positive integer"),
+    ],
+)
+def test_spec_from_json_names_the_bad_field(text, message):
+    with pytest.raises(ValueError, match=message):
+        ModelSpec.from_json(text)
+
+
+def test_a_tensor_declared_in_two_groups_is_refused():
+    from torch import nn
+
+    from pemma_core.model.layers import parameter_groups
+
+    class Twice(nn.Module):
+        trainable_parts = {"a": "ct", "b": "pet"}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+            self.b = self.a
+
+    with pytest.raises(ValueError, match="declared in both group 'ct' and 'pet'"):
+        parameter_groups(Twice())

@@ -13,9 +13,11 @@ import yaml
 from lifelines.utils import concordance_index
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from pemma_core import phantoms
 from pemma_core.cli import main as pemma
-from pemma_core.phantoms import Federation, draw_case, make_federation, site_scanner, survival_linear_predictor
+from pemma_core.phantoms import physics
+from pemma_core.phantoms.coordination import ensure_phantom_federation
+from pemma_core.phantoms.physics import CT_SHAPE, case_survival, draw_case, site_scanner, survival_linear_predictor
+from pemma_core.phantoms.writer import Federation, federation_site_files, make_federation
 
 
 def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +76,7 @@ def test_ct_pet_label_intensities_and_grids(phantom_federation: Federation) -> N
         ct, ct_affine = read(case_dir / "ct.nii.gz")
         label, label_affine = read(case_dir / "label.nii.gz")
         pet, pet_affine = read(case_dir / "pet.nii.gz")
-        assert ct.shape == label.shape == phantoms.CT_SHAPE
+        assert ct.shape == label.shape == CT_SHAPE
         np.testing.assert_array_equal(label_affine, ct_affine)
         assert set(np.unique(label)) == {0, 1}
         # PET: its own, coarser grid with a different affine (origin and axis directions).
@@ -119,17 +121,17 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 def test_phantom_federation_is_written_once_and_never_over_other_files(tmp_path: Path) -> None:
     folder = tmp_path / "fed"
-    files = phantoms.ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0)
+    files = ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0)
     assert files == [(folder / f"site-{i}" / "site.yaml").resolve() for i in (1, 2)]
-    assert phantoms.federation_site_files(folder) == files and not (folder / "test").exists()
+    assert federation_site_files(folder) == files and not (folder / "test").exists()
     written = (folder / "federation.yaml").stat().st_mtime_ns
-    assert phantoms.ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0) == files  # reused
+    assert ensure_phantom_federation(folder, n_sites=2, cases_per_site=1, seed=0) == files  # reused
     assert (folder / "federation.yaml").stat().st_mtime_ns == written
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("not a federation")
     with pytest.raises(FileExistsError, match="no federation.yaml"):
-        phantoms.ensure_phantom_federation(other, n_sites=1, cases_per_site=1)
+        ensure_phantom_federation(other, n_sites=1, cases_per_site=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fed", "other"]  # no partial copy left behind
 
 
@@ -147,8 +149,8 @@ def test_each_source_adds_survival_signal() -> None:
     rows = []
     for i in range(1500):
         case = draw_case(np.random.default_rng([11, i]))
-        volume = phantoms._VOLUME_SCALE * 4 / 3 * math.pi * case.tumour_spheres[0][3] ** 3 / 1000
-        _, time, event, parts = phantoms._survival(case, volume)
+        volume = physics._VOLUME_SCALE * 4 / 3 * math.pi * case.tumour_spheres[0][3] ** 3 / 1000
+        _, time, event, parts = case_survival(case, volume)
         rows.append((time, event, parts["ct"], parts["pet"], parts["ehr"]))
     time, event, ct, pet, ehr = map(np.array, zip(*rows))
     assert 0.5 < event.mean() < 0.9  # censoring present, events dominate
@@ -172,8 +174,8 @@ def test_cli_default_federation(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert list(pd.read_csv(out / "site-2" / "manifest.csv")["split"]).count("test") == 2
     assert yaml.safe_load((out / "site-1" / "site.yaml").read_text())["spacing"] == [3.5, 3.5, 3.5]
     # Nothing is overwritten: a non-empty folder is refused.
-    assert pemma(["phantoms", str(out)]) == 2
-    assert "refusing" in capsys.readouterr().out
+    assert pemma(["phantoms", str(out)]) == 1  # a failure, not a usage error
+    assert "refusing" in capsys.readouterr().err
 
 
 def test_cli_modalities_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pemma_core.model import ModelSpec, build_backbone, build_model
-from pemma_core.prognosis import Cohort, evaluate_survival, train_survival
+from pemma_core.model.factory import build_model
+from pemma_core.model.spec import ModelSpec, build_backbone
+from pemma_core.training.prognosis import Cohort, evaluate_survival, train_survival
 
 
 def _cohort(n: int = 40, ehr_width: int = 0, seed: int = 0) -> Cohort:
@@ -85,9 +86,9 @@ def test_errors_are_clear():
 
 
 def test_site_cohort_crops_and_clinical_rows(phantom_federation):
-    from pemma_core.clinical import EhrPreprocessor, read_clinical
-    from pemma_core.prognosis import load_cohort
-    from pemma_core.site import load_site_config
+    from pemma_core.data.clinical import EhrPreprocessor, read_clinical
+    from pemma_core.training.prognosis import load_cohort
+    from pemma_core.config.site import load_site_config
 
     cfg = load_site_config(phantom_federation.site_yamls[2])  # CT + PET + EHR
     spec = ModelSpec(survival=True)
@@ -105,7 +106,7 @@ def test_site_cohort_crops_and_clinical_rows(phantom_federation):
 
 
 def test_federated_head_with_one_site_equals_local_rounds():
-    from pemma_core.prognosis import federated_survival
+    from pemma_core.training.prognosis import federated_survival
 
     spec = ModelSpec(survival=True)
     backbone = build_backbone(spec)
@@ -124,7 +125,7 @@ def test_federated_head_with_one_site_equals_local_rounds():
 
 
 def test_a_cohort_without_ehr_trains_only_the_image_term():
-    from pemma_core.adapters import trainable_state
+    from pemma_core.model.files import trainable_state
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(survival=True, ehr_features=2))
@@ -138,9 +139,9 @@ def test_a_cohort_without_ehr_trains_only_the_image_term():
 
 
 def test_site_covariates_must_match_the_federation_spec(phantom_federation):
-    from pemma_core.clinical import EhrPreprocessor
-    from pemma_core.prognosis import check_site_covariates, site_ehr_stats
-    from pemma_core.site import load_site_config
+    from pemma_core.data.clinical import EhrPreprocessor
+    from pemma_core.training.prognosis import check_site_covariates, site_ehr_stats
+    from pemma_core.config.site import load_site_config
 
     ehr_site, ct_site = (load_site_config(p) for p in (phantom_federation.site_yamls[2], phantom_federation.site_yamls[0]))
     preprocessor = EhrPreprocessor.from_partial_stats([site_ehr_stats(ehr_site)])

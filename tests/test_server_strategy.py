@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from pemma_core.aggregate import SiteUpdate, aggregate_adapters
-from server.strategy import PemmaStrategy
+from pemma_core.aggregation import SiteUpdate, aggregate_adapters
+from pemma_core.model.spec import ModelSpec
+from pemma_core.protocol import Instruction
+from server.strategy import PemmaStrategy, RoundRecord
 from simulation.inprocess import InProcessGrid
 
 GROUPS = {"lora": "shared", "ct_adapter": "ct", "pet_adapter": "pet"}
@@ -28,7 +30,8 @@ def _task_identity() -> None:
 def make_strategy(state: dict[str, np.ndarray], **kwargs) -> PemmaStrategy:
     options = dict(min_sites=2, max_update_norm=None, wire_dtype="float32")
     options.update(kwargs)
-    return PemmaStrategy("adapt", state, GROUPS, ROI, {"fingerprint": "fp"}, **options)
+    instruction = Instruction(local_steps=1, lr=0.1, batch_size=1, seed=0, spec=ModelSpec(), fingerprint="fp")
+    return PemmaStrategy("adapt", state, GROUPS, ROI, instruction, **options)
 
 
 def reply(node: int, site: str, tensors: dict[str, np.ndarray], examples: dict[str, int], **extra_metrics) -> Message:
@@ -83,8 +86,6 @@ def test_rejections_and_failures_leave_the_round_going(global_state: dict[str, n
         reply(4, "site-extra", extra, {"shared": 2}),
         error_reply(5),
     ]
-    from server.strategy import RoundRecord
-
     strategy._current = RoundRecord(phase="adapt", round=1)
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
@@ -109,8 +110,6 @@ def test_update_norm_bound_and_wire_dtype(global_state: dict[str, np.ndarray]) -
     far = {"lora": (global_state["lora"] + 10).astype(np.float16)}
     near = {"lora": (global_state["lora"] + 0.01).astype(np.float16)}
     wrong_dtype = {"lora": global_state["lora"] + 0.01}  # float32 while the run says float16
-    from server.strategy import RoundRecord
-
     strategy._current = RoundRecord(phase="adapt", round=1)
     arrays, _ = strategy.aggregate_train(
         1, [reply(1, "far", far, {"shared": 1}), reply(2, "near", near, {"shared": 1}), reply(3, "f32", wrong_dtype, {"shared": 1})]
@@ -133,8 +132,6 @@ def test_reply_claiming_another_backbone_is_rejected(global_state: dict[str, np.
 
 def test_ehr_stats_only_in_the_statistics_reply(global_state: dict[str, np.ndarray]) -> None:
     """``ehr-stats`` answers ``query.ehr_stats``; in a train or evaluate reply it is an unexpected entry."""
-    from server.strategy import RoundRecord
-
     strategy = make_strategy(global_state, min_sites=1)
     msg = reply(1, "a", {"lora": global_state["lora"] + 1}, {"shared": 1})
     msg.content["meta"]["ehr-stats"] = "{}"
@@ -145,3 +142,24 @@ def test_ehr_stats_only_in_the_statistics_reply(global_state: dict[str, np.ndarr
     evaluation.content["meta"]["ehr-stats"] = "{}"
     assert strategy.aggregate_evaluate(1, [evaluation]) is None  # the reply is ignored, with a logged reason
     assert strategy._current.sites[1].dice == {}
+
+
+@pytest.mark.parametrize(("phase", "message_type"), [("pretrain-ct", "train.pretrain_ct"), ("adapt", "train"),
+                                                     ("prognosis", "train.prognosis")])
+def test_train_messages_carry_the_phase_type_and_the_instruction(
+    global_state: dict[str, np.ndarray], phase: str, message_type: str
+) -> None:
+    spec = ModelSpec(rank=4)
+    instruction = Instruction(local_steps=2, lr=0.1, batch_size=2, seed=5, spec=spec, fingerprint="fp")
+    strategy = PemmaStrategy(phase, global_state, GROUPS, ROI, instruction, min_sites=2, wire_dtype="float16", round_offset=3)
+    grid = InProcessGrid(client_app=None, node_configs=[{}, {}])
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    for msg in messages:
+        assert msg.metadata.message_type == message_type
+        config = dict(msg.content["config"])
+        assert Instruction.from_config(config) == Instruction(
+            local_steps=2, lr=0.1, batch_size=2, seed=5, spec=spec, fingerprint="fp", phase=phase, round=4,
+            wire_dtype="float16",
+        )
+        assert {k: a.numpy().dtype for k, a in msg.content["arrays"].items()} == {k: np.float16 for k in GROUPS}

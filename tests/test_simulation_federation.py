@@ -19,14 +19,16 @@ import torch
 from flwr.app import Array, Context, Message
 
 from client.client_app import make_client_app
-from pemma_core import wire
-from pemma_core.adapters import read_adapter_file, save_backbone
-from pemma_core.model import build_backbone
-from pemma_core.phantoms import make_federation
+from pemma_core import protocol
+from pemma_core.config.run import RunSettings
+from pemma_core.model.files import read_adapter_file, save_backbone
+from pemma_core.model.spec import build_backbone
+from pemma_core.phantoms.writer import make_federation
 from server.run_dir import RunDir
-from server.server_app import run_federation
-from server.settings import RunSettings
+from server.server_app import prepare_run_dir, run_federation
 from simulation.inprocess import InProcessGrid
+
+pytestmark = pytest.mark.slow  # whole federations in-process
 
 logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -119,11 +121,11 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
         meta = dict(reply.content["meta"])
         assert set(reply.content.keys()) == {"arrays", "metrics", "meta"}
         assert set(arrays.keys()) <= sent_keys
-        is_stats = exchange.instruction.metadata.message_type == "query.ehr_stats"
-        config_keys = wire.EHR_STATS_REPLY_KEYS if is_stats else wire.REPLY_CONFIG_KEYS
-        assert wire.payload_problems(arrays, sent_keys, roi, metrics, meta, case_ids, config_keys) == []
+        kind = next(k for k in protocol.REPLIES if k.name == exchange.instruction.metadata.message_type)
+        reply_dict = protocol.Reply({k: a.numpy() for k, a in arrays.items()}, metrics, meta)
+        assert protocol.reply_problems(kind, reply_dict, sent_keys, roi, case_ids) == []
         for key, array in arrays.items():
-            assert not wire.looks_like_image(array.shape, roi)
+            assert not protocol.looks_like_image(array.shape, roi)
             assert array.dtype == "float16"  # wire-dtype float16, both phases
         if exchange.instruction.metadata.message_type == "train":
             assert set(arrays.keys()) <= adapter_keys
@@ -148,9 +150,9 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
 def test_prognosis_round_aggregates_the_head_and_predict_gives_a_risk(
     tmp_path: Path, federation: list[Path], backbone_file: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from pemma_core.aggregate import SiteUpdate, aggregate_adapters
+    from pemma_core.aggregation import SiteUpdate, aggregate_adapters
     from pemma_core.cli import main
-    from pemma_core.clinical import METADATA_KEY
+    from pemma_core.data.clinical import METADATA_KEY
 
     settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), prognosis_rounds=1,
                             prognosis_steps=3)
@@ -273,17 +275,37 @@ def test_a_deployed_federation_gets_no_phantom_data_from_the_server(
 
 
 def test_resume_ends_with_the_same_adapters(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    """A resumed run sends train messages for its unfinished rounds only, leaves the
+    finished rounds' files as they were, and ends where an uninterrupted run ends."""
     common = dict(backbone_file=str(backbone_file), rounds=2, seed=3)
     straight, _ = run(settings_for(tmp_path / "straight", federation, **common))
     settings = settings_for(tmp_path / "resumed", federation, **{**common, "rounds": 1})
-    run(settings)
+    first, _ = run(settings)
     with pytest.raises(FileExistsError, match="resume"):  # a run folder is never overwritten
         run(settings)
-    resumed, _ = run(settings_for(tmp_path / "resumed", federation, **common, resume=True))
-    assert [r["round"] for r in resumed.metrics()["rounds"]] == [1, 2]
+    finished = [first.checkpoint("adapt", 0), first.checkpoint("adapt", 1), first.backbone_file]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in finished}
+    round_1 = first.metrics()["rounds"][0]
+    resumed, grid = run(settings_for(tmp_path / "resumed", federation, **common, resume=True))
+    train = [x.instruction for x in grid.transcript if x.instruction.metadata.message_type == "train"]
+    assert sorted(m.metadata.dst_node_id for m in train) == [1, 2, 3]
+    assert {m.content["config"]["round"] for m in train} == {2}  # round 1 is not trained again
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in finished} == before
+    assert [r["round"] for r in resumed.metrics()["rounds"]] == [1, 2] and resumed.metrics()["rounds"][0] == round_1
     a, meta_a = read_adapter_file(straight.checkpoint("adapt", 2))
     b, meta_b = read_adapter_file(resumed.checkpoint("adapt", 2))
     assert meta_a["fingerprint"] == meta_b["fingerprint"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     one, _ = read_adapter_file(straight.checkpoint("adapt", 1))
     assert any(not torch.equal(one[k], a[k]) for k in a)  # round 2 did change something
+
+
+def test_resume_with_another_model_spec_is_refused(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file))
+    run_dir = prepare_run_dir(settings)
+    saved = run_dir.run_json.read_bytes()
+    changed = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), rank=4, alpha=8, resume=True)
+    with pytest.raises(ValueError, match=r"cannot resume .*model spec differs.*\(rank 8 -> 4, alpha 16 -> 8\)"):
+        run(changed)
+    assert run_dir.run_json.read_bytes() == saved  # the run folder is left as it was
+    assert prepare_run_dir(settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), resume=True))

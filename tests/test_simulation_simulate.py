@@ -10,8 +10,10 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from pemma_core.adapters import read_adapter_file
 from pemma_core.cli import main
+from pemma_core.model.files import read_adapter_file
+
+pytestmark = pytest.mark.slow  # Ray simulation engine
 
 
 def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -75,7 +77,7 @@ def test_evaluate_and_predict(run_dir: Path, tmp_path: Path) -> None:
 def test_resume_takes_the_run_settings_and_the_options_given(tmp_path: Path) -> None:
     import argparse
 
-    from server.settings import RunSettings
+    from pemma_core.config.run import RunSettings
     from simulation import simulate
 
     run = tmp_path / "run"
@@ -88,7 +90,7 @@ def test_resume_takes_the_run_settings_and_the_options_given(tmp_path: Path) -> 
     assert settings.resume and settings.rounds == 4 and settings.run_dir == str(run.resolve())
     assert (settings.seed, settings.wire_dtype, settings.local_steps) == (7, "float16", 3)
     fresh = simulate.settings_from_args(parser.parse_args(["--out", str(tmp_path / "new"), "--adapter", "dora"]))
-    assert not fresh.resume and fresh.adapter == "dora" and fresh.rounds == simulate.SIMULATE_DEFAULTS["rounds"]
+    assert not fresh.resume and fresh.adapter == "dora" and fresh.rounds == RunSettings.default("num-server-rounds")
 
 
 def test_ctrl_c_ends_the_simulation_at_once_and_points_at_resume(tmp_path: Path) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
-from pemma_core.site import (
+from pemma_core.config.site import (
     DEFAULT_CT_WINDOW,
     DEFAULT_PET_SUV_MAX,
     DEFAULT_SPACING,
@@ -15,6 +16,7 @@ from pemma_core.site import (
     SiteConfigError,
     expand_env,
     load_site_config,
+    site_json_schema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +134,54 @@ def test_invalid_files(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(SiteConfigError, match=None) as error:
         load_site_config(write_yaml(tmp_path, text))
     assert expected in str(error.value)
+
+
+def test_every_problem_is_reported_at_once_naming_file_and_key(tmp_path: Path) -> None:
+    text = MINIMAL + "spacing: 2mm\ndevice: gpu\nclinical: {path: c.csv, tme: t}\npet_suv_max: 0\n"
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(SiteConfigError) as error:
+        load_site_config(path)
+    problems = error.value.problems
+    assert len(problems) == 4
+    for key, expected in (("spacing", "3 positive numbers"), ("device", "cuda"), ("clinical.tme", "did you mean 'time'"),
+                          ("pet_suv_max", "positive number")):
+        line = next(p for p in problems if repr(key) in p)
+        assert line.startswith(f"{path}: ") and expected in line
+        assert line in str(error.value)
+
+
+def test_missing_and_mistyped_keys_are_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(SiteConfigError) as error:
+        load_site_config(write_yaml(tmp_path, "name: s\ndata_root: 3\nmodalities: [ct]\non_bad_case: ignore\n"))
+    message = str(error.value)
+    assert "missing required key(s) ['manifest']" in message
+    assert "'data_root'" in message and "'on_bad_case'" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        (MINIMAL + "spacing: [1, 1, 1]\nspacing: [3, 3, 3]\n", "spacing", 6),
+        (MINIMAL + "clinical:\n  path: c.csv\n  covariates: {age: numeric, age: categorical}\n", "age", 7),
+    ],
+)
+def test_a_duplicated_key_is_refused(tmp_path: Path, text: str, key: str, line: int) -> None:
+    with pytest.raises(SiteConfigError) as error:
+        load_site_config(write_yaml(tmp_path, text))
+    assert f"duplicate key {key!r} (line {line}" in str(error.value)
+
+
+def test_committed_json_schema_is_the_models() -> None:
+    committed = json.loads((REPO / "sites" / "site.schema.json").read_text())
+    assert committed == site_json_schema(), "regenerate: python -m pemma_core.config.site"
+    assert committed["additionalProperties"] is False and set(committed["required"]) == {
+        "name", "data_root", "modalities", "manifest"}
+    assert "site.schema.json" in (REPO / "sites" / "README.md").read_text()
+
+
+def test_shipped_yamls_name_the_schema() -> None:
+    for path in IBSI_SITES.glob("*.yaml"):
+        assert path.read_text().startswith("# yaml-language-server: $schema=../site.schema.json"), path
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

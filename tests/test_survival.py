@@ -11,7 +11,7 @@ import torch
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
 
-from pemma_core.survival import EhrEncoder, SurvivalHead, concordance, cox_partial_nll
+from pemma_core.training.survival import EhrEncoder, SurvivalHead, concordance, cox_partial_nll
 
 
 def naive_cox_nll(risk: list[float], time: list[float], event: list[int], ties: str) -> float:

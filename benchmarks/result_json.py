@@ -1,0 +1,75 @@
+"""``bench.json``: writing it, reading a finished run back, and finding rows in it.
+
+The result dictionary holds ``backbones -> name -> {"rows": [...], "speed", ...}``, the
+CNN row under ``cnn``, the data checks under ``data``; a row holds ``dice`` (mode -> mean)
+and ``per_case`` (mode -> case id -> Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT", "all_rows", "read_finished", "row_dice", "row_per_case", "rows_by_id", "write_json"]
+
+FORMAT = "pemma-bench/1"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_finished(source: Path) -> dict[str, Any]:
+    """The results of a finished run; ValueError when ``source`` is missing or unfinished."""
+    if not source.is_file():
+        raise ValueError(f"{source} does not exist")
+    results = json.loads(source.read_text(encoding="utf-8"))
+    if not results.get("complete"):
+        raise ValueError(f"{source} is from a run that did not finish")
+    return results
+
+
+def rows_by_id(entry: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """One backbone's rows by their id (``"pemma-lora"``...)."""
+    return {r["row"]: r for r in entry.get("rows", [])}
+
+
+def row_dice(row: Mapping[str, Any] | None, mode: str) -> float | None:
+    """A row's mean Dice in ``mode``; None without that row or mode."""
+    if row is None:
+        return None
+    value = row.get("dice", {}).get(mode)
+    return None if value is None else float(value)
+
+
+def row_per_case(row: Mapping[str, Any] | None, mode: str) -> dict[str, float]:
+    """A row's Dice per test case in ``mode`` (empty without that row or mode)."""
+    return dict((row or {}).get("per_case", {}).get(mode, {}))
+
+
+def all_rows(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every row of every backbone, then the CNN row."""
+    rows = [r for entry in results.get("backbones", {}).values() for r in entry.get("rows", [])]
+    if results.get("cnn"):
+        rows.append(results["cnn"])
+    return rows

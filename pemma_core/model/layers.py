@@ -1,0 +1,184 @@
+"""PEMMA's trainable layers, each declaring the parameter group of what it trains.
+
+A layer names its trainable parts in ``trainable_parts`` (attribute -> group), as PEFT
+layers name theirs in ``adapter_layer_names``; a part's own ``frozen_parts`` are left out.
+:func:`parameter_groups` derives every tensor's group from these declarations, and puts
+the LoRA/DoRA tensors that peft injects in group ``shared``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from pemma_core.model.monai_speed import speed_up_monai_modules
+from pemma_core.model.spec import ModelSpec
+from pemma_core.modes import REQUIRED_MODALITIES
+
+PEFT_GROUP = "shared"  # the LoRA/DoRA tensors peft injects into the transformer
+
+
+class ModeState:
+    """The mode of the forward pass in flight, shared by the swapped-in input modules.
+
+    MONAI's own ``forward`` runs unchanged; only its first layers (patch conv, first skip)
+    are replaced by modules that read both channels and this mode.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "ct"
+
+
+class LowRankConv3d(nn.Module):
+    """``conv(x; W_frozen + (B @ A).view(W.shape), bias)``: a rank-``r`` update of a frozen conv.
+
+    Used for the PET patch embedding: UNETR's 16^3 patch conv alone would be 3% of the
+    model if copied in full; the delta keeps the PET embedding a few thousand numbers.
+    """
+
+    frozen_parts: ClassVar[tuple[str, ...]] = ("frozen",)
+
+    def __init__(self, frozen: nn.Conv3d, rank: int) -> None:
+        super().__init__()
+        self.frozen = frozen
+        out_ch = frozen.weight.shape[0]
+        fan_in = frozen.weight[0].numel()
+        self.lora_down = nn.Parameter(torch.randn(rank, fan_in) / fan_in**0.5)
+        self.lora_up = nn.Parameter(torch.zeros(out_ch, rank))
+        self.bias = nn.Parameter(frozen.bias.detach().clone()) if frozen.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.frozen.weight + (self.lora_up @ self.lora_down).view_as(self.frozen.weight)
+        return F.conv3d(x, weight, self.bias, self.frozen.stride, self.frozen.padding)
+
+
+class ResidualAdapter(nn.Module):
+    """``x + up(gelu(down(x)))`` with 1x1x1 convs; ``up`` starts at zero (identity at init)."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.down = nn.Conv3d(channels, width, 1)
+        self.up = nn.Conv3d(width, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
+class FusionProjection(nn.Module):
+    """``[u, v] -> u + up(down(cat(u, v)))``: a 2C -> C 1x1x1 projection starting as "take u"."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.down = nn.Conv3d(2 * channels, width, 1)
+        self.up = nn.Conv3d(width, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return u + self.up(self.down(torch.cat([u, v], dim=1)))
+
+
+class ModalityPatchEmbed(nn.Module):
+    """Replaces the backbone's patch conv: ``[B, 2, ...]`` in, ``[B, C, ...]`` tokens out.
+
+    The single modes bypass the fusion projection: only ``ctpet`` trains it, so a CT-mode
+    path through it would follow wherever CT+PET training moved it (BENCHMARKS.md,
+    forgetting). The mode a CT-only site serves depends only on groups CT steps train.
+    """
+
+    trainable_parts: ClassVar[Mapping[str, str]] = {
+        "pet_conv": "pet", "ct_adapter": "ct", "pet_adapter": "pet", "fusion": "fusion",
+    }
+
+    def __init__(self, ct_conv: nn.Conv3d, spec: ModelSpec, state: ModeState) -> None:
+        super().__init__()
+        self.state = state
+        channels = ct_conv.weight.shape[0]
+        self.ct_conv = ct_conv
+        if spec.pet_embed == "lowrank":
+            self.pet_conv: nn.Module = LowRankConv3d(ct_conv, spec.rank)
+        else:
+            self.pet_conv = copy.deepcopy(ct_conv)
+        self.ct_adapter = ResidualAdapter(channels, spec.bottleneck)
+        self.pet_adapter = ResidualAdapter(channels, spec.bottleneck)
+        self.fusion = FusionProjection(channels, spec.bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "ct":
+            return self.ct_adapter(self.ct_conv(x[:, 0:1]))
+        e_pet = self.pet_conv(x[:, 1:2])
+        if mode == "pet":
+            return self.pet_adapter(e_pet)
+        return self.fusion(self.ct_conv(x[:, 0:1]), e_pet)
+
+
+class ModalitySkip(nn.Module):
+    """Replaces the first skip encoder: frozen ``encoder1`` on the primary image (CT, or PET
+    in mode ``pet``) plus a shallow PET block on the raw PET (one 3x3x3 conv, instance norm,
+    LeakyReLU) behind a 1x1x1 gate that starts at 0.
+
+    One conv, not a residual block like ``encoder1``: this path runs at full resolution,
+    where a second 3x3x3 conv made a PEMMA step much slower and kept large activations
+    for backward (BENCHMARKS.md, speed and memory)."""
+
+    trainable_parts: ClassVar[Mapping[str, str]] = {"pet_block": "pet", "pet_gate": "pet"}
+
+    def __init__(self, encoder1: nn.Module, channels: int, state: ModeState) -> None:
+        super().__init__()
+        self.state = state
+        self.encoder1 = encoder1
+        self.pet_block = speed_up_monai_modules(
+            Convolution(3, 1, channels, kernel_size=3, norm="instance",
+                        act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}))
+        )
+        self.pet_gate = nn.Conv3d(channels, channels, 1)
+        nn.init.zeros_(self.pet_gate.weight)
+        nn.init.zeros_(self.pet_gate.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        primary = x[:, 0:1] if "ct" in REQUIRED_MODALITIES[mode] else x[:, 1:2]
+        out = self.encoder1(primary)
+        if "pet" in REQUIRED_MODALITIES[mode]:
+            out = out + self.pet_gate(self.pet_block(x[:, 1:2]))
+        return out
+
+
+def parameter_groups(root: nn.Module) -> dict[str, str]:
+    """Trainable tensor name -> group, in ``root.named_parameters()`` order, from the
+    ``trainable_parts`` every module of ``root`` declares and peft's ``adapter_layer_names``.
+
+    A tensor no declaration reaches is frozen and left out. Raises ``ValueError`` if two
+    declarations give one tensor different groups.
+    """
+    groups: dict[int, str] = {}
+
+    def claim(params: Iterable[nn.Parameter], group: str, frozen: set[int]) -> None:
+        for p in params:
+            if id(p) not in frozen and groups.setdefault(id(p), group) != group:
+                raise ValueError(f"a tensor is declared in both group {groups[id(p)]!r} and {group!r}")
+
+    for module in root.modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                claim(getattr(module, attr).parameters(), PEFT_GROUP, set())
+        for attr, group in getattr(module, "trainable_parts", {}).items():
+            part = getattr(module, attr, None)
+            if part is None:
+                continue
+            frozen = {
+                id(p) for sub in part.modules() for name in getattr(sub, "frozen_parts", ())
+                for p in getattr(sub, name).parameters()
+            }
+            claim(part.parameters(), group, frozen)
+    return {name: groups[id(p)] for name, p in root.named_parameters() if id(p) in groups}

@@ -1,0 +1,167 @@
+"""The PEMMA model: a frozen CT backbone plus the small trainable parts that add PET.
+
+Every new branch starts at zero, so modes ``ct`` and ``ctpet`` reproduce the CT backbone
+exactly at initialisation; the path of each mode and the group of each part are drawn in
+docs/ARCHITECTURE.md, "The model (PEMMA)" and "Parameter groups". Which groups a training
+step in each mode may update is :data:`MODE_GROUPS`.
+
+Every model here is called as ``model(image, mode)`` with ``image`` of shape
+``[B, 2, X, Y, Z]`` (channel 0 CT, channel 1 PET; see :mod:`pemma_core.modes`) and
+returns logits ``[B, out_channels, X, Y, Z]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from pemma_core.model.layers import ModalityPatchEmbed, ModalitySkip, ModeState, parameter_groups
+from pemma_core.model.spec import PRESETS, TARGETS, ModelSpec
+from pemma_core.modes import MODES, check_mode
+
+# Only CT+PET batches train the fusion projection (the single modes bypass it), so a
+# CT-only site never changes it.
+MODE_GROUPS: dict[str, frozenset[str]] = {
+    "ct": frozenset({"shared", "ct"}),
+    "pet": frozenset({"shared", "pet"}),
+    "ctpet": frozenset({"shared", "pet", "fusion"}),
+}
+
+
+class SegmentationModel(nn.Module):
+    """Base of every model here: ``forward(image [B,2,X,Y,Z], mode) -> logits``.
+
+    Attributes: ``spec``, ``fingerprint`` (of the CT backbone it started from),
+    ``modes`` (modes it can run), ``param_groups`` (trainable tensor name -> group).
+    """
+
+    spec: ModelSpec
+    fingerprint: str
+    modes: tuple[str, ...]
+    fixed_grid: ClassVar[bool] = True  # a UNETR input must have the preset's crop size
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return self.spec.roi_size
+
+    @property
+    def param_groups(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def groups_for_mode(self, mode: str) -> frozenset[str]:
+        """Groups a training step in ``mode`` may update."""
+        raise NotImplementedError
+
+    def check_mode(self, mode: str) -> None:
+        check_mode(mode)
+        if mode not in self.modes:
+            raise ValueError(f"this {self.spec.kind} model runs modes {self.modes}, not {mode!r}")
+
+    def check_input(self, image: torch.Tensor, mode: str) -> None:
+        """Raise ``ValueError`` unless this model runs ``mode`` on ``image`` ``[B, 2, X, Y, Z]``."""
+        self.check_mode(mode)
+        if image.ndim != 5 or image.shape[1] != 2:
+            raise ValueError(
+                f"expected image [B, 2, X, Y, Z] (channel 0 CT, channel 1 PET), got shape {tuple(image.shape)}"
+            )
+        if self.fixed_grid and self.spec.backbone == "unetr" and tuple(image.shape[2:]) != self.roi_size:
+            raise ValueError(
+                f"UNETR expects spatial size {self.roi_size} (its positional grid), got {tuple(image.shape[2:])}"
+            )
+
+
+def _patch_conv_path(backbone_name: str) -> str:
+    return "vit.patch_embedding.patch_embeddings" if backbone_name == "unetr" else "swinViT.patch_embed.proj"
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+class PemmaModel(SegmentationModel):
+    """A frozen CT backbone with PEMMA's trainable parts; runs modes ct, pet and ctpet."""
+
+    modes = MODES
+    trainable_parts: ClassVar[Mapping[str, str]] = {"survival_head": "prognosis", "ehr_encoder": "ehr"}
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec, fingerprint: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fingerprint = fingerprint
+        self._state = ModeState()
+        net = copy.deepcopy(backbone)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        conv_path = _patch_conv_path(spec.backbone)
+        ct_conv = net.get_submodule(conv_path)
+        if ct_conv.weight.shape[1] != 1:
+            raise ValueError(f"PEMMA adapts a 1-channel CT backbone; this one takes {ct_conv.weight.shape[1]} channels")
+        _set_submodule(net, conv_path, ModalityPatchEmbed(ct_conv, spec, self._state))
+        skip_channels = net.encoder1.layer.conv1.conv.out_channels
+        net.encoder1 = ModalitySkip(net.encoder1, skip_channels, self._state)
+        pattern = "|".join(TARGETS[spec.backbone][t] for t in spec.targets)
+        lora = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=rf".*\.(?:{pattern})$",
+            use_dora=spec.adapter == "dora",
+        )
+        self.net = inject_adapter_in_model(lora, net)
+        if spec.survival:
+            # imported here: lifelines (behind the survival module) is slow to load and
+            # only survival models need it
+            from pemma_core.training.survival import EhrEncoder, SurvivalHead
+
+            ehr_width = spec.ehr_embedding if spec.ehr_features else 0
+            self.survival_head = SurvivalHead(self.feature_width, ehr_features=ehr_width)
+            if spec.ehr_features:
+                self.ehr_encoder = EhrEncoder(spec.ehr_features, spec.ehr_embedding)
+        self._groups = parameter_groups(self)
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in self._groups)
+        if not any(g == "shared" for g in self._groups.values()):
+            raise ValueError(f"targets {spec.targets} matched no attention module in {spec.backbone}")
+
+    @property
+    def param_groups(self) -> dict[str, str]:
+        return dict(self._groups)
+
+    def groups_for_mode(self, mode: str) -> frozenset[str]:
+        return MODE_GROUPS[mode]
+
+    def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        self.check_input(image, mode)
+        self._state.mode = mode
+        return self.net(image)
+
+    @property
+    def feature_width(self) -> int:
+        if self.spec.backbone == "unetr":
+            return int(self.net.hidden_size)
+        return 16 * int(PRESETS["swin-unetr"][self.spec.preset]["feature_size"])
+
+    def encode(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pooled transformer tokens of ``mode``: ``[B, 2, S, S, S] -> [B, feature_width]``."""
+        self.check_input(image, mode)
+        self._state.mode = mode
+        if self.spec.backbone == "unetr":
+            tokens, _ = self.net.vit(image)  # [B, N, hidden]
+            return tokens.mean(dim=1)
+        deepest = self.net.swinViT(image, self.net.normalize)[-1]  # [B, 16 * feature, s, s, s]
+        return deepest.flatten(2).mean(dim=2)
+
+    def risk(self, image: torch.Tensor, mode: str, ehr: torch.Tensor | None = None) -> torch.Tensor:
+        """Cox log relative hazard ``[B]`` from the image in ``mode`` (and EHR covariates)."""
+        if not self.spec.survival:
+            raise ValueError("this model has no survival head (build it with survival=True)")
+        if self.spec.ehr_features and ehr is None:
+            raise ValueError(f"this model's survival head needs EHR covariates [B, {self.spec.ehr_features}]")
+        embedding = self.ehr_encoder(ehr) if self.spec.ehr_features else None
+        return self.survival_head(self.encode(image, mode), embedding)

@@ -1,0 +1,423 @@
+"""The pemma message protocol: what the server and a site say to each other, and the checks
+that keep a reply to "adapters, counts and aggregate metrics only" (docs/ARCHITECTURE.md, protocol).
+
+Both ends import this module (the server app and strategy, the client app and its task
+code); it is the one place that names:
+
+* the **message types** (:class:`MessageType`): ``query.install_backbone``, then per phase
+  a train message (:data:`TRAIN`: ``train.pretrain_ct``, ``train``, ``train.prognosis``),
+  ``evaluate`` after adapt rounds, and ``query.ehr_stats`` before prognosis;
+* the **record keys** of a message's :class:`~flwr.app.RecordDict`: an instruction holds
+  :data:`ARRAYS` and :data:`CONFIG`, a reply :data:`ARRAYS`, :data:`METRICS` and
+  :data:`META` (:data:`REPLY_RECORDS`);
+* the **instruction config** (:class:`Instruction`, :func:`install_config`): its keys and
+  the model spec in it, encoded with :meth:`ModelSpec.to_json` and decoded with
+  :meth:`ModelSpec.from_json`;
+* what **each kind of reply may hold** (:data:`REPLIES`, a :class:`ReplyKind` per message
+  type) and the check both ends run (:func:`reply_problems`, :func:`check_reply`): only
+  tensors from the key set the server sent and none shaped like an image
+  (:func:`looks_like_image`); only the exact metric names of that kind, numbers only; only
+  its config entries (a site's name and backbone fingerprint, plus ``ehr-stats`` in the
+  reply to ``query.ehr_stats``: the JSON of :func:`pemma_core.data.clinical.partial_stats`,
+  aggregates of its EHR training rows); and no case id of the site in any metric name or
+  config value;
+* the **wire form of tensors**: ``float32`` or ``float16`` (``wire-dtype``) on the wire,
+  always ``float32`` once received so the server averages in full precision.
+
+Plain numpy/torch and dictionaries: no flwr import (``pemma_core`` never imports flwr).
+Turning these dictionaries into Flower records and back is :mod:`server.records`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pemma_core.model.spec import FULL_GROUP, GROUPS, ModelSpec
+from pemma_core.modes import MODES
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the run settings read this module
+    import torch
+
+# ----------------------------------------------------------------------------- messages
+
+PHASES: tuple[str, ...] = ("pretrain-ct", "adapt", "prognosis")
+
+
+@dataclass(frozen=True)
+class MessageType:
+    """A Flower message type: ``category`` (``train``, ``evaluate`` or ``query``) and ``action``.
+
+    ``action="default"`` is the bare category, as Flower's handler decorators spell it
+    (``@app.train()`` handles ``"train"``, ``@app.train("prognosis")`` ``"train.prognosis"``).
+    """
+
+    category: str
+    action: str = "default"
+
+    @property
+    def name(self) -> str:
+        """The ``message_type`` string of a Flower message."""
+        return self.category if self.action == "default" else f"{self.category}.{self.action}"
+
+
+INSTALL_BACKBONE = MessageType("query", "install_backbone")  # the run's frozen CT backbone, once per site
+EHR_STATS = MessageType("query", "ehr_stats")  # aggregates of a site's EHR training rows
+EVALUATE = MessageType("evaluate")  # Dice per mode of the global adapters (after adapt rounds)
+TRAIN: dict[str, MessageType] = {  # one train message type per phase
+    "pretrain-ct": MessageType("train", "pretrain_ct"),
+    "adapt": MessageType("train"),
+    "prognosis": MessageType("train", "prognosis"),
+}
+
+# Record keys of a message's RecordDict.
+ARRAYS, CONFIG, METRICS, META = "arrays", "config", "metrics", "meta"
+INSTRUCTION_RECORDS: tuple[str, ...] = (ARRAYS, CONFIG)
+REPLY_RECORDS: tuple[str, ...] = (ARRAYS, METRICS, META)
+
+# ----------------------------------------------------------------------------- instructions
+
+_SPEC, _FINGERPRINT = "model-spec", "fingerprint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Instruction:
+    """The config of a train or evaluate message: what a site is asked to do in one round.
+
+    A phase sets its fields once; the strategy adds ``phase``, ``round`` and
+    ``wire_dtype`` for each round. Fields are written in this order, ``None`` ones left out.
+    """
+
+    local_steps: int
+    lr: float
+    batch_size: int | None = None  # pretrain-ct and adapt; prognosis trains on whole cohorts
+    seed: int
+    spec: ModelSpec
+    fingerprint: str | None = None  # the backbone the adapters belong to; none in pretrain-ct
+    ehr_preprocessor: Mapping[str, Any] | None = None  # prognosis with EHR: the federation's preprocessor
+    phase: str | None = None
+    round: int | None = None  # the global round number (continues across a resume)
+    wire_dtype: str | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        """The message config: hyphenated keys, the spec and the preprocessor as JSON."""
+        out: dict[str, Any] = {}
+        for name, key in _INSTRUCTION_KEYS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "spec":
+                value = value.to_json()
+            elif name == "ehr_preprocessor":
+                value = json.dumps(dict(value))
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Instruction:
+        """The instruction a train or evaluate message carries.
+
+        Raises ``ValueError`` naming every missing entry: every message has the spec, the
+        phase, the round, steps, rate, seed and wire dtype; pretrain-ct and adapt messages
+        also the batch size; adapt and prognosis ones the backbone fingerprint.
+        """
+        phase = config.get("phase")
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"message config: unknown phase {phase!r}, expected one of {', '.join(PHASES)}")
+        required = ["model-spec", "phase", "round", "local-steps", "lr", "seed", "wire-dtype"]
+        required += ["batch-size"] if phase != "prognosis" else []
+        required += ["fingerprint"] if phase != "pretrain-ct" else []
+        missing = [key for key in required if key not in config]
+        if missing:
+            raise ValueError(f"message config lacks {', '.join(repr(k) for k in missing)}")
+        return cls(
+            local_steps=int(config["local-steps"]),
+            lr=float(config["lr"]),
+            batch_size=int(config["batch-size"]) if "batch-size" in config else None,
+            seed=int(config["seed"]),
+            spec=_spec(config),
+            fingerprint=str(config["fingerprint"]) if "fingerprint" in config else None,
+            ehr_preprocessor=json.loads(str(config["ehr-preprocessor"])) if "ehr-preprocessor" in config else None,
+            phase=str(phase),
+            round=int(config["round"]),
+            wire_dtype=check_wire_dtype(str(config["wire-dtype"])),
+        )
+
+
+_INSTRUCTION_KEYS: dict[str, str] = {
+    "local_steps": "local-steps",
+    "lr": "lr",
+    "batch_size": "batch-size",
+    "seed": "seed",
+    "spec": _SPEC,
+    "fingerprint": _FINGERPRINT,
+    "ehr_preprocessor": "ehr-preprocessor",
+    "phase": "phase",
+    "round": "round",
+    "wire_dtype": "wire-dtype",
+}
+
+
+def _spec(config: Mapping[str, Any]) -> ModelSpec:
+    return ModelSpec.from_json(str(config[_SPEC]))
+
+
+def install_config(spec: ModelSpec, fingerprint: str) -> dict[str, str]:
+    """The config of ``query.install_backbone``: the backbone's spec and fingerprint."""
+    return {_SPEC: spec.to_json(), _FINGERPRINT: fingerprint}
+
+
+def read_install_config(config: Mapping[str, Any]) -> tuple[ModelSpec, str]:
+    """(spec, fingerprint) of a ``query.install_backbone`` message."""
+    missing = [key for key in (_SPEC, _FINGERPRINT) if key not in config]
+    if missing:
+        raise ValueError(f"{INSTALL_BACKBONE.name} config lacks {', '.join(repr(k) for k in missing)}")
+    return _spec(config), str(config[_FINGERPRINT])
+
+
+# ----------------------------------------------------------------------------- replies
+
+SITE, FINGERPRINT, EHR_STATS_KEY = "site", _FINGERPRINT, "ehr-stats"  # reply config (META) entries
+
+
+@dataclass
+class Reply:
+    """Exactly what a site sends back: tensors, aggregate metrics, config entries (``meta``)."""
+
+    arrays: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def site(self) -> str | None:
+        """The site's name, if the reply gives one."""
+        name = self.meta.get(SITE)
+        return name if isinstance(name, str) and name else None
+
+
+def reply_meta(site: str, fingerprint: str | None = None, ehr_stats: str | None = None) -> dict[str, str]:
+    """A reply's config entries: the site's name, the backbone it used, its EHR aggregates."""
+    meta = {SITE: site}
+    if fingerprint is not None:
+        meta[FINGERPRINT] = fingerprint
+    if ehr_stats is not None:
+        meta[EHR_STATS_KEY] = ehr_stats
+    return meta
+
+
+def examples_metrics(counts: Mapping[str, int]) -> dict[str, int]:
+    """Per-group example counts as metrics (``examples-<group>``), groups sorted."""
+    return {f"examples-{group}": int(counts[group]) for group in sorted(counts)}
+
+
+def examples_of(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """The per-group example counts a reply's metrics hold (whole numbers only)."""
+    return {
+        key.removeprefix("examples-"): int(value)
+        for key, value in metrics.items()
+        if key.startswith("examples-") and isinstance(value, (int, float)) and float(value).is_integer()
+    }
+
+
+def dice_of(metrics: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
+    """Mode -> (Dice, cases) of an evaluate reply (``dice-<mode>``, ``cases-<mode>``)."""
+    return {
+        key.removeprefix("dice-"): (float(value), int(metrics.get(f"cases-{key.removeprefix('dice-')}", 1)))
+        for key, value in metrics.items()
+        if key.startswith("dice-")
+    }
+
+
+@dataclass(frozen=True)
+class ReplyKind:
+    """What the reply to one message type may hold."""
+
+    tensors: bool  # tensors from the key set the server sent (else none at all)
+    metrics: frozenset[str]  # the exact metric names allowed
+    config: frozenset[str]  # the config (META) entries allowed
+
+
+_EXAMPLES = frozenset(f"examples-{group}" for group in (*GROUPS, FULL_GROUP))
+_TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up"}) | _EXAMPLES
+_SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival"})  # of the site's held-out split
+_EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m in ("dice", "cases") for mode in MODES}
+_REPLY_CONFIG = frozenset({SITE, FINGERPRINT})
+
+REPLIES: dict[MessageType, ReplyKind] = {
+    INSTALL_BACKBONE: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG),
+    EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY}),
+    TRAIN["pretrain-ct"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
+    TRAIN["adapt"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
+    TRAIN["prognosis"]: ReplyKind(tensors=True, metrics=_TRAINING | _SURVIVAL, config=_REPLY_CONFIG),
+    EVALUATE: ReplyKind(tensors=False, metrics=_EVALUATION, config=_REPLY_CONFIG),
+}
+
+
+class WireViolation(RuntimeError):
+    """A message would carry (or carried) something other than adapters, counts and metrics."""
+
+
+def looks_like_image(shape: Sequence[int], roi_size: Sequence[int]) -> bool:
+    """True if ``shape`` could hold an image, a label or a crop of either.
+
+    Everything a model learns here is smaller than its input crop in at least one of the
+    three trailing dimensions (the largest kernel is UNETR's 16^3 patch embedding; the
+    smallest crop is 32^3), while any image, label or crop is at least the crop size in
+    all three.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        return False
+    return all(s >= r for s, r in zip(shape[-3:], roi_size, strict=True))
+
+
+def reply_problems(
+    kind: MessageType,
+    reply: Reply,
+    sent_keys: Iterable[str],
+    roi_size: Sequence[int],
+    case_ids: Iterable[str] = (),
+) -> list[str]:
+    """Reasons ``reply`` (to a message of type ``kind``) is not what :data:`REPLIES` allows.
+
+    ``reply.arrays`` maps names to anything with a ``shape``; ``sent_keys`` is the key set
+    the server sent; ``case_ids`` (known at a site) are searched for in every metric name
+    and every config value.
+    """
+    allowed = REPLIES[kind]
+    problems: list[str] = []
+    sent = set(sent_keys) if allowed.tensors else set()
+    for name, value in reply.arrays.items():
+        if name not in sent:
+            problems.append(f"tensor {name!r} is not one of the tensors the server sent")
+        shape = tuple(getattr(value, "shape", ()))
+        if looks_like_image(shape, roi_size):
+            problems.append(f"tensor {name!r} has an image-like shape {shape}")
+    for key, value in reply.metrics.items():
+        if key not in allowed.metrics:  # exact names: "loss-case-007" is not "loss"
+            problems.append(f"metric {key!r} is not an aggregate metric name")
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            problems.append(f"metric {key!r} is not numeric")
+    for key, value in reply.meta.items():
+        if key not in allowed.config:
+            problems.append(f"config entry {key!r} may not cross the wire")
+        if not isinstance(value, str):
+            problems.append(f"config entry {key!r} is not a string")
+    texts = [*reply.metrics, *(str(v) for v in reply.meta.values())]
+    for case_id in dict.fromkeys(case_ids):
+        if case_id and any(case_id in text for text in texts):
+            problems.append(f"a case id ({case_id!r}) appears in the message")
+    return problems
+
+
+def check_reply(
+    kind: MessageType,
+    reply: Reply,
+    sent_keys: Iterable[str],
+    roi_size: Sequence[int],
+    case_ids: Iterable[str] = (),
+    where: str = "reply",
+) -> None:
+    """Raise :class:`WireViolation` listing every problem :func:`reply_problems` finds."""
+    problems = reply_problems(kind, reply, sent_keys, roi_size, case_ids)
+    if problems:
+        raise WireViolation(f"{where} refused: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- tensors
+
+WIRE_DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float16": np.float16}
+
+
+def check_wire_dtype(name: str) -> str:
+    """``name`` if it is a wire dtype (``float32`` or ``float16``), else ``ValueError``."""
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire-dtype {name!r}: expected one of {', '.join(WIRE_DTYPES)}")
+    return name
+
+
+def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous().numpy()
+    return np.asarray(value)
+
+
+def to_wire(state: Mapping[str, torch.Tensor | np.ndarray], wire_dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Tensors as numpy arrays in their wire form.
+
+    Floating tensors are cast to ``wire_dtype``; integer tensors (e.g. a counter buffer)
+    travel unchanged. Arrays are copied, so the caller's tensors are never aliased.
+    """
+    dtype = WIRE_DTYPES[check_wire_dtype(wire_dtype)]
+    out: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        array = _as_numpy(value)
+        out[name] = array.astype(dtype, copy=True) if np.issubdtype(array.dtype, np.floating) else array.copy()
+    return out
+
+
+def from_wire(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Received arrays with every floating one widened to ``float32`` (what the server averages in)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        out[name] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+    return out
+
+
+def to_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Received arrays as torch tensors (floating ones float32), ready for ``load_trainable_state``."""
+    import torch
+
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in from_wire(arrays).items()}
+
+
+def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of tensor data (what dominates a message's size)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "EHR_STATS",
+    "EHR_STATS_KEY",
+    "EVALUATE",
+    "FINGERPRINT",
+    "INSTALL_BACKBONE",
+    "INSTRUCTION_RECORDS",
+    "META",
+    "METRICS",
+    "PHASES",
+    "REPLIES",
+    "REPLY_RECORDS",
+    "SITE",
+    "TRAIN",
+    "WIRE_DTYPES",
+    "Instruction",
+    "MessageType",
+    "Reply",
+    "ReplyKind",
+    "WireViolation",
+    "check_reply",
+    "check_wire_dtype",
+    "dice_of",
+    "examples_metrics",
+    "examples_of",
+    "from_wire",
+    "install_config",
+    "looks_like_image",
+    "payload_bytes",
+    "read_install_config",
+    "reply_meta",
+    "reply_problems",
+    "to_tensors",
+    "to_wire",
+]

@@ -1,0 +1,166 @@
+"""pemma_core.protocol: message types, instructions, what each reply may hold, the wire form of tensors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pemma_core import protocol
+from pemma_core.model.spec import ModelSpec
+from pemma_core.protocol import EHR_STATS, EVALUATE, INSTALL_BACKBONE, TRAIN, Instruction, Reply
+
+ROI = (32, 32, 32)
+META = {"site": "site-1", "fingerprint": "f00d"}
+
+
+def test_float16_transport_roundtrip_widens_to_float32() -> None:
+    state = {"a": torch.randn(4, 3), "steps": torch.tensor([7], dtype=torch.int64)}
+    sent = protocol.to_wire(state, "float16")
+    assert sent["a"].dtype == np.float16 and sent["steps"].dtype == np.int64
+    assert protocol.payload_bytes(sent) == 4 * 3 * 2 + 8
+    back = protocol.from_wire(sent)
+    assert back["a"].dtype == np.float32
+    np.testing.assert_allclose(back["a"], state["a"].numpy(), rtol=1e-3, atol=1e-3)
+    assert protocol.to_tensors(sent)["a"].dtype == torch.float32
+
+
+def test_float32_transport_is_exact_and_copies() -> None:
+    array = np.random.default_rng(0).normal(size=(5,)).astype(np.float32)
+    sent = protocol.to_wire({"x": array}, "float32")
+    assert np.array_equal(sent["x"], array) and sent["x"] is not array
+
+
+def test_unknown_wire_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="wire-dtype"):
+        protocol.to_wire({"x": np.zeros(2)}, "bfloat16")
+
+
+@pytest.mark.parametrize(
+    ("shape", "image_like"),
+    [
+        ((1, 1, 32, 32, 32), True),  # a crop
+        ((2, 64, 70, 40), True),  # an image with channels
+        ((48, 1, 16, 16, 16), False),  # UNETR patch embedding kernel
+        ((1, 8, 48), False),  # positional embedding
+        ((16, 48), False),
+    ],
+)
+def test_looks_like_image(shape: tuple[int, ...], image_like: bool) -> None:
+    assert protocol.looks_like_image(shape, ROI) is image_like
+
+
+def test_message_types_are_flowers_strings() -> None:
+    assert [TRAIN[p].name for p in protocol.PHASES] == ["train.pretrain_ct", "train", "train.prognosis"]
+    assert (INSTALL_BACKBONE.name, EHR_STATS.name, EVALUATE.name) == ("query.install_backbone", "query.ehr_stats", "evaluate")
+    assert set(protocol.REPLIES) == {INSTALL_BACKBONE, EHR_STATS, EVALUATE, *TRAIN.values()}
+
+
+def test_instruction_roundtrip_and_the_spec_as_json() -> None:
+    spec = ModelSpec(rank=4, survival=True, ehr_features=3)
+    sent = Instruction(local_steps=3, lr=0.01, seed=7, spec=spec, fingerprint="f00d", ehr_preprocessor={"k": "v"},
+                       phase="prognosis", round=4, wire_dtype="float16")
+    config = sent.to_config()
+    # the order Flower's ConfigRecord keeps; batch-size (None) is left out
+    assert list(config) == ["local-steps", "lr", "seed", "model-spec", "fingerprint", "ehr-preprocessor", "phase", "round",
+                            "wire-dtype"]
+    assert config["model-spec"] == spec.to_json() and ModelSpec.from_json(config["model-spec"]) == spec
+    assert Instruction.from_config(config) == sent
+    assert protocol.read_install_config(protocol.install_config(spec, "f00d")) == (spec, "f00d")
+
+
+def test_an_instruction_missing_an_entry_is_refused_by_name() -> None:
+    config = Instruction(local_steps=1, lr=0.1, batch_size=2, seed=0, spec=ModelSpec(), fingerprint="f", phase="adapt",
+                         round=1, wire_dtype="float32").to_config()
+    del config["batch-size"], config["fingerprint"]
+    with pytest.raises(ValueError, match="lacks 'batch-size', 'fingerprint'"):
+        Instruction.from_config(config)
+    with pytest.raises(ValueError, match="unknown phase"):
+        Instruction.from_config({**config, "phase": "finetune"})
+    with pytest.raises(ValueError, match="lacks 'fingerprint'"):
+        protocol.read_install_config({"model-spec": ModelSpec().to_json()})
+
+
+def test_reply_problems_names_each_violation() -> None:
+    arrays = {"lora.a": np.zeros((4, 8)), "stolen": np.zeros((1, 1, 40, 40, 40))}
+    metrics = {"loss": 0.5, "examples-shared": 4, "case-007": 1.0}
+    meta = {"site": "site-1", "path": "/data/case-007.nii.gz"}
+    problems = protocol.reply_problems(TRAIN["adapt"], Reply(arrays, metrics, meta), ["lora.a"], ROI, case_ids=["case-007"])
+    text = "\n".join(problems)
+    assert "'stolen' is not one of the tensors the server sent" in text
+    assert "image-like shape" in text
+    assert "metric 'case-007' is not an aggregate metric name" in text
+    assert "config entry 'path' may not cross the wire" in text
+    assert "case id ('case-007')" in text
+    with pytest.raises(protocol.WireViolation, match="refused"):
+        protocol.check_reply(TRAIN["adapt"], Reply(arrays, metrics, meta), ["lora.a"], ROI)
+
+
+@pytest.mark.parametrize(
+    ("kind", "metrics", "meta"),
+    [
+        (TRAIN["pretrain-ct"], {"num-examples": 2, "examples-backbone": 2, "loss": 0.5, "steps": 1, "train-seconds": 1.5,
+                                "setup-seconds": 0.1, "bytes-up": 128}, {"site": "s"}),
+        (TRAIN["adapt"], {"num-examples": 4, "loss": 0.5, "examples-shared": 4, "examples-ct": 4, "bytes-up": 128}, META),
+        (TRAIN["prognosis"], {"loss": 0.4, "c-index": 0.7, "cases-survival": 2, "events-survival": 3,
+                              "examples-prognosis": 3, "examples-ehr": 3}, META),
+        (EVALUATE, {"num-examples": 2, "eval-seconds": 0.3, "dice-ctpet": 0.6, "cases-ctpet": 2, "dice-ct": 0.5}, META),
+        (EHR_STATS, {}, {"site": "s", "ehr-stats": "{}"}),
+        (INSTALL_BACKBONE, {}, META),
+    ],
+)
+def test_each_kind_of_reply_passes_with_what_it_may_hold(kind, metrics: dict, meta: dict) -> None:
+    arrays = {"a": np.zeros((3, 3), dtype=np.float32)} if protocol.REPLIES[kind].tensors else {}
+    assert protocol.reply_problems(kind, Reply(arrays, metrics, meta), ["a", "b"], ROI, case_ids=["case-007"]) == []
+
+
+def test_what_a_reply_may_hold_depends_on_its_kind() -> None:
+    # only the reply to query.ehr_stats may hold ehr-stats
+    stats = Reply(meta={"site": "s", "ehr-stats": "{}"})
+    assert protocol.reply_problems(TRAIN["adapt"], stats, [], ROI) == ["config entry 'ehr-stats' may not cross the wire"]
+    # an evaluate reply holds no tensor, even one the server sent; a train reply no Dice
+    assert protocol.reply_problems(EVALUATE, Reply({"a": np.zeros(3)}, {}, META), ["a"], ROI) == [
+        "tensor 'a' is not one of the tensors the server sent"
+    ]
+    assert protocol.reply_problems(TRAIN["adapt"], Reply({}, {"dice-ct": 0.5}, META), [], ROI) == [
+        "metric 'dice-ct' is not an aggregate metric name"
+    ]
+    assert protocol.reply_problems(TRAIN["adapt"], Reply({}, {"loss": True}, META), [], ROI) == ["metric 'loss' is not numeric"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["loss-case-007", "loss\n", "lossy", "examples-case", "examples-shared-007", "dice-ct-case-007", "cases-survival-7",
+     "c-index-case-007", "risk-case-007", "LOSS"],
+)
+def test_a_metric_name_that_only_starts_like_an_allowed_one_is_refused(name: str) -> None:
+    for kind in (TRAIN["adapt"], TRAIN["prognosis"], EVALUATE):
+        problems = protocol.reply_problems(kind, Reply({}, {name: 1.0}, META), [], ROI)
+        assert problems == [f"metric {name!r} is not an aggregate metric name"], kind
+
+
+@pytest.mark.parametrize("kind", [TRAIN["pretrain-ct"], TRAIN["adapt"], TRAIN["prognosis"], EVALUATE, EHR_STATS])
+@pytest.mark.parametrize("entry", ["site", "fingerprint", "ehr-stats", "metric"])
+def test_a_case_id_is_found_in_any_config_value_and_metric_name(kind, entry: str) -> None:
+    """A case id anywhere in a metric name or config value refuses the reply, whatever its kind."""
+    meta = dict(META)
+    metrics: dict[str, float] = {}
+    if entry == "metric":
+        metrics["loss-STS_003"] = 0.1
+    elif entry == "ehr-stats":
+        meta["ehr-stats"] = json.dumps({"categories": {"sex": ["F", "STS_003"]}})
+    else:
+        meta[entry] = "x-STS_003-y"
+    problems = protocol.reply_problems(kind, Reply({}, metrics, meta), [], ROI, case_ids=["STS_001", "STS_003"])
+    assert "a case id ('STS_003') appears in the message" in problems
+    assert protocol.reply_problems(kind, Reply({}, {}, META), [], ROI, case_ids=["STS_001", "STS_003", ""]) == []
+
+
+def test_counts_and_dice_are_read_back_as_they_are_written() -> None:
+    metrics = {**protocol.examples_metrics({"shared": 4, "ct": 2}), "dice-ct": 0.5, "cases-ct": 3, "dice-pet": 0.25,
+               "examples-odd": 1.5}
+    assert list(protocol.examples_metrics({"shared": 4, "ct": 2})) == ["examples-ct", "examples-shared"]
+    assert protocol.examples_of(metrics) == {"shared": 4, "ct": 2}
+    assert protocol.dice_of(metrics) == {"ct": (0.5, 3), "pet": (0.25, 1)}
