@@ -40,7 +40,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- the seven bugs the layout issue found missed by the suite --------------------------
     Mutation("pet mode: CT channel fed to the first skip", "pemma_core/model/layers.py",
              'primary = x[:, 0:1] if "ct" in REQUIRED_MODALITIES[mode] else x[:, 1:2]', "primary = x[:, 0:1]",
-             ("tests/test_model.py::test_pet_mode_equals_backbone_on_the_pet_channel_at_init",)),
+             ("tests/test_model.py::test_every_mode_equals_the_backbone_on_its_channel_at_init",)),
     Mutation("ctpet also claims group ct", "pemma_core/model/pemma.py",
              '"ctpet": frozenset({"shared", "pet", "fusion"})', '"ctpet": frozenset({"shared", "pet", "fusion", "ct"})',
              ("tests/test_model.py::test_per_mode_exactly_its_groups_receive_gradients_and_are_counted",)),
