@@ -52,6 +52,25 @@ def test_every_mode_equals_the_backbone_on_its_channel_at_init(backbone_and_spec
         torch.testing.assert_close(model(image, "pet"), backbone(image[:, 1:2]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_per_mode_exactly_its_groups_receive_gradients_and_are_counted(mode):
+    spec = ModelSpec()
+    torch.manual_seed(0)
+    model = build_model(spec)
+    image, label = _image(spec), _label(spec)
+    model.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(image, mode)[:, 1:], label)
+    loss.backward()
+    params = dict(model.named_parameters())
+    with_gradient = {
+        group for name, group in model.param_groups.items()
+        if params[name].grad is not None and bool(params[name].grad.abs().sum() > 0)
+    }
+    assert with_gradient == set(MODE_GROUPS[mode]), f"mode {mode}: gradients reach {sorted(with_gradient)}"
+    result = train_local(model, [{"image": image, "label": label}], [mode], steps=1, lr=1e-3)
+    assert set(result.examples) == with_gradient, f"mode {mode}: counted {sorted(result.examples)}"
+
+
 def test_backbone_is_not_modified_and_frozen_tensors_are_bit_identical_after_training(backbone_and_spec):
     backbone, spec = backbone_and_spec
     before_backbone = {k: v.clone() for k, v in backbone.state_dict().items()}
