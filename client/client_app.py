@@ -1,14 +1,18 @@
 """pemma ClientApp: one hospital of the federation.
 
-Each handler reads the site (its YAML) and the message (:mod:`server.records`,
-:class:`pemma_core.protocol.Instruction`), calls :mod:`client.task` (which calls
-``pemma_core``) and replies with what may cross the wire: adapter tensors, per-group
-example counts, aggregate metrics (checked against :mod:`pemma_core.protocol` before the
-reply leaves).
+Each handler (one wrapper, :func:`_serve`) reads the site (its YAML) and the message
+(:mod:`server.records`, :class:`pemma_core.protocol.Instruction`: a key the protocol does
+not name is refused), calls :mod:`client.task` (which calls ``pemma_core``), appends what
+it sends to the site's own audit log (:mod:`pemma_core.audit`, ``pemma audit SITE.yaml``)
+and replies with what may cross the wire: adapter tensors, per-group example counts,
+aggregate metrics (checked against :mod:`pemma_core.protocol` before the reply leaves).
+A request outside the site's ``limits:`` (its YAML) is refused. Any failure is replied as
+one line, ``[pemma] <site>: <error>``, which the server reports as the site's cause.
 
 Message types (:mod:`pemma_core.protocol`; sent by :mod:`server.server_app` and
 :mod:`server.phases`):
 
+* ``query.join``: the site's name and its training cases per modality, once per run;
 * ``query.install_backbone``: the frozen CT backbone, once per run; kept in the site's
   cache after its fingerprint is checked (a site with its own ``backbone-file`` refuses
   a different one);
@@ -36,23 +40,67 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client import task
-from pemma_core import protocol
+from pemma_core import audit, protocol
 from pemma_core.protocol import Instruction
 from server import records
 
 
-def _instruction(msg: Message) -> tuple[dict[str, np.ndarray], Instruction]:
-    arrays, config = records.read_instruction(msg)
-    return arrays, Instruction.from_config(config)
+class SiteFailure(RuntimeError):
+    """A site could not do what a message asked: one line, ``[pemma] <site>: <error>``, which the
+    server finds inside whatever Flower (and Ray) wrap around it (:func:`server.roster.one_line_cause`)."""
 
 
-def _round_handler(work: Callable[..., protocol.Reply], site_of: Callable[[Context], task.SiteConfig]) -> Callable:
+# What a handler does: (site, node config, instruction or None, tensors received) -> the reply.
+Work = Callable[[task.SiteConfig, Mapping[str, Any], Instruction | None, Mapping[str, np.ndarray]], protocol.Reply]
+
+
+def _serve(message_type: protocol.MessageType, work: Work, run_config_of: Callable[[Context], Mapping[str, Any]]):
+    """The Flower handler of ``message_type``: read the message, do the site's ``work``, log what is
+    sent in the site's audit log (:mod:`pemma_core.audit`) and reply; any failure becomes one
+    :class:`SiteFailure` line naming the site."""
+
     def handle(msg: Message, context: Context) -> Message:
-        arrays, instruction = _instruction(msg)
-        return records.reply_message(msg, work(site_of(context), context.node_config, instruction, arrays))
+        run_config = run_config_of(context)
+        site = None
+        instruction = None
+        try:
+            site = task.load_site(context.node_config, run_config, context.run_id)
+            arrays, config = records.read_instruction(msg)
+            instruction = Instruction.from_config(config) if message_type in _INSTRUCTED else None
+            reply = work(site, context.node_config, instruction if instruction is not None else config, arrays)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, in one line, as the site's
+            label = site.name if site is not None else task.site_label(context.node_config, run_config, context.run_id)
+            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+            if site is not None:
+                _audit(site, msg, context, instruction, None, cause)
+            raise SiteFailure(f"[pemma] {label}: {cause}") from exc
+        _audit(site, msg, context, instruction, reply, None)
+        return records.reply_message(msg, reply)
 
     handle.__doc__ = work.__doc__
     return handle
+
+
+def _audit(site: task.SiteConfig, msg: Message, context: Context, instruction: Instruction | None,
+           reply: protocol.Reply | None, error: str | None) -> None:
+    audit.record(site.cache_dir, site=site.name, message_type=msg.metadata.message_type,
+                 phase=instruction.phase if instruction else None, round=instruction.round if instruction else None,
+                 reply=reply, error=error, run_id=context.run_id)
+
+
+# Messages whose config is an Instruction (the rounds); the queries carry their own config.
+_INSTRUCTED = frozenset({*protocol.TRAIN.values(), protocol.EVALUATE})
+
+# Every message type a site answers, and the work it does (client/task.py).
+SITE_WORK: dict[protocol.MessageType, Work] = {
+    protocol.JOIN: lambda site, node_config, config, arrays: task.join_site(site),
+    protocol.INSTALL_BACKBONE: task.install_backbone_site,
+    protocol.TRAIN["pretrain-ct"]: lambda site, node_config, instruction, arrays: task.pretrain_site(site, instruction, arrays),
+    protocol.EHR_STATS: lambda site, node_config, config, arrays: task.ehr_stats_site(site),
+    protocol.TRAIN["adapt"]: task.train_site,
+    protocol.TRAIN["prognosis"]: task.prognosis_site,
+    protocol.EVALUATE: task.evaluate_site,
+}
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] | None = None) -> ClientApp:
@@ -60,43 +108,16 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
 
     ``overrides`` take precedence over the run config (``pemma simulate`` passes its
     options this way: Flower's Python simulation API has no run config); ``mods`` are
-    Flower mods wrapped around every handler (tests use them to play a faulty site).
+    Flower mods wrapped around every handler (tests and ``pemma simulate --adversary`` use
+    them to play a faulty or hostile site).
     """
     app = ClientApp(mods=list(mods or []))
 
-    def site_of(context: Context) -> task.SiteConfig:
-        return task.load_site(context.node_config, {**dict(context.run_config), **dict(overrides or {})}, context.run_id)
+    def run_config_of(context: Context) -> dict[str, Any]:
+        return {**dict(context.run_config), **dict(overrides or {})}
 
-    @records.handles(app, protocol.INSTALL_BACKBONE)
-    def install_backbone(msg: Message, context: Context) -> Message:
-        """Keep the run's frozen CT backbone at this site (checked by fingerprint)."""
-        site = site_of(context)
-        arrays, config = records.read_instruction(msg)
-        spec, fingerprint = protocol.read_install_config(config)
-        fingerprint = task.install_backbone(site, context.node_config, arrays, spec, fingerprint)
-        return records.reply_message(msg, protocol.Reply(meta=protocol.reply_meta(site.name, fingerprint)))
-
-    @records.handles(app, protocol.TRAIN["pretrain-ct"])
-    def pretrain_ct(msg: Message, context: Context) -> Message:
-        """One round of federated CT pretraining of the whole backbone."""
-        arrays, instruction = _instruction(msg)
-        return records.reply_message(msg, task.pretrain_site(site_of(context), instruction, arrays))
-
-    @records.handles(app, protocol.EHR_STATS)
-    def ehr_stats(msg: Message, context: Context) -> Message:
-        """Aggregates of this site's EHR training rows (nothing per patient)."""
-        return records.reply_message(msg, task.ehr_stats_site(site_of(context)))
-
-    # The round messages: adapt training, prognosis training and evaluation each hand the
-    # global tensors and the instruction to the site's work (client/task.py) and reply.
-    site_work: dict[protocol.MessageType, Callable[..., protocol.Reply]] = {
-        protocol.TRAIN["adapt"]: task.train_site,
-        protocol.TRAIN["prognosis"]: task.prognosis_site,
-        protocol.EVALUATE: task.evaluate_site,
-    }
-    for message_type, work in site_work.items():
-        records.handles(app, message_type)(_round_handler(work, site_of))
-
+    for message_type, work in SITE_WORK.items():
+        records.handles(app, message_type)(_serve(message_type, work, run_config_of))
     return app
 
 

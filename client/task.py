@@ -91,6 +91,24 @@ def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, An
 _SITES: dict[str, SiteConfig] = {}
 
 
+def site_label(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> str:
+    """What to call this node's site in an error, even when its YAML does not load: the
+    YAML's ``name`` if it can be read at all, else the file's name."""
+    try:
+        path = site_config_path(node_config, run_config, run_id)
+    except Exception:  # noqa: BLE001 - naming the site must never fail
+        return "site (no site config)"
+    try:
+        import yaml
+
+        name = yaml.safe_load(path.read_text(encoding="utf-8")).get("name")
+        if isinstance(name, str) and name.strip():
+            return f"{name.strip()} ({path.name})"
+    except Exception:  # noqa: BLE001 - an unreadable YAML: its file name says which site
+        pass
+    return f"site config {path.name}"
+
+
 def load_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> SiteConfig:
     path = site_config_path(node_config, run_config, run_id)
     key = str(path.resolve())
@@ -120,6 +138,58 @@ def allowed_groups(site: SiteConfig) -> frozenset[str]:
 
 def site_modes(site: SiteConfig) -> list[str]:
     return [m for m in site.modes if m in servable_modes(site.modalities)]
+
+
+# ----------------------------------------------------------------------------- joining
+
+
+def declared_cases(site: SiteConfig) -> dict[str, int]:
+    """The site's training cases per modality (``survival``: with survival labels), as it
+    declares them when it joins; the server weights and checks its replies against them."""
+    from pemma_core.data.checks import read_site_clinical
+    from pemma_core.data.pipeline import site_cases
+
+    cases, _ = site_cases(site, "train")
+    counts = {
+        "ct": sum(1 for c in cases if c.ct is not None) if site.has_ct else 0,
+        "pet": sum(1 for c in cases if c.pet is not None) if site.has_pet else 0,
+        "ehr": 0,
+        "survival": 0,
+    }
+    clinical = read_site_clinical(site)
+    if clinical is not None:
+        table = clinical[0]
+        ids = [c.case_id for c in cases if c.case_id in table.index]
+        counts["ehr"] = len(ids) if has_ehr(site) else 0
+        counts["survival"] = len(ids) if has_survival_labels(site) else 0
+    return counts
+
+
+def join_site(site: SiteConfig) -> Reply:
+    """``query.join``: the site's name and its declared training cases per modality."""
+    reply = Reply(metrics=protocol.declared_metrics(declared_cases(site)), meta={protocol.SITE: site.name})
+    return check_reply(protocol.JOIN, reply, {}, (1, 1, 1), site)
+
+
+class RequestRefused(ValueError):
+    """The server asked for something outside the site's ``limits:`` (its YAML)."""
+
+
+def refuse_outside_limits(site: SiteConfig, instruction: Instruction) -> None:
+    """Raise :class:`RequestRefused` listing every limit of the site's YAML the request breaks
+    (rank, PET-embedding kind, batch size x local steps)."""
+    refusals = site.limits.refusals(rank=instruction.spec.rank, pet_embed=instruction.spec.pet_embed,
+                                    phase=str(instruction.phase), local_steps=instruction.local_steps,
+                                    batch_size=instruction.batch_size, source=site.path)
+    if refusals:
+        raise RequestRefused(f"site {site.name} refuses this request: " + "; ".join(refusals))
+
+
+def refuse_large_upload(site: SiteConfig, out: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`RequestRefused` if ``out`` is more than the site's ``limits.max_upload_mb``."""
+    refusal = site.limits.upload_refusal(protocol.payload_bytes(out), source=site.path)
+    if refusal:
+        raise RequestRefused(f"site {site.name} refuses to send this update: {refusal}")
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -171,6 +241,15 @@ def install_backbone(
         save_backbone(target, backbone, spec, provenance={"source": "server"})
     _BACKBONES[fingerprint] = backbone
     return fingerprint
+
+
+def install_backbone_site(
+    site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> Reply:
+    """``query.install_backbone``: keep the run's frozen CT backbone (checked by fingerprint)."""
+    spec, fingerprint = protocol.read_install_config(config)
+    fingerprint = install_backbone(site, node_config, arrays, spec, fingerprint)
+    return check_reply(protocol.INSTALL_BACKBONE, Reply(meta=protocol.reply_meta(site.name, fingerprint)), {}, (1, 1, 1), site)
 
 
 def site_backbone(site: SiteConfig, node_config: Mapping[str, Any], fingerprint: str) -> nn.Module:
@@ -233,6 +312,7 @@ def train_site(
     """One round of ``adapt`` at a site: train the modes it serves, reply with what changed."""
     from pemma_core.training.local import train_local
 
+    refuse_outside_limits(site, instruction)
     start = time.perf_counter()
     model = build_site_model(site, node_config, instruction, arrays)
     modes = site_modes(site)
@@ -249,6 +329,7 @@ def train_site(
     state = trainable_state(model.cpu())
     sent = {k: v for k, v in state.items() if groups[k] in trained}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
+    refuse_large_upload(site, out)
     metrics: dict[str, float | int] = {
         "num-examples": int(max((result.examples[g] for g in trained), default=0)),
         "loss": float(result.loss),
@@ -265,7 +346,9 @@ def train_site(
 def evaluate_site(
     site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
 ) -> Reply:
-    """Dice per mode of the global adapters on the site's test split (aggregate only)."""
+    """Dice per mode of the global adapters on the site's test split (aggregate only), for the
+    modes with at least ``limits.min_eval_cases`` test cases; the reply says what it withheld.
+    A site evaluates its test split only, whatever the server asks."""
     from pemma_core.training.local import evaluate
 
     start = time.perf_counter()
@@ -274,11 +357,17 @@ def evaluate_site(
     loader = _loaders().eval_loader(site, split="test")
     result = evaluate(model, loader, modes, device=resolve_device(site.device))
     cases = {mode: len(per_case) for mode, per_case in result.per_case.items()}
-    metrics: dict[str, float | int] = {"num-examples": max(cases.values(), default=0), "eval-seconds": time.perf_counter() - start}
-    for mode, dice in result.dice.items():
+    floor = site.limits.min_eval_cases
+    reported = {mode: dice for mode, dice in result.dice.items() if cases[mode] >= floor}
+    metrics: dict[str, float | int] = {"num-examples": max((cases[m] for m in reported), default=0),
+                                       "eval-seconds": time.perf_counter() - start}
+    for mode, dice in reported.items():
         metrics[f"dice-{mode}"] = float(dice)
         metrics[f"cases-{mode}"] = int(cases[mode])
-    reply = Reply({}, metrics, protocol.reply_meta(site.name, model.fingerprint))
+    short = sorted(set(result.dice) - set(reported))
+    withheld = (f"Dice of {', '.join(short)} withheld: {min(cases[m] for m in short)} test case(s), "
+                f"fewer than limits.min_eval_cases {floor}") if short else None
+    reply = Reply({}, metrics, protocol.reply_meta(site.name, model.fingerprint, withheld=withheld))
     return check_reply(protocol.EVALUATE, reply, arrays, model.roi_size, site)
 
 
@@ -287,6 +376,7 @@ def pretrain_site(site: SiteConfig, instruction: Instruction, arrays: Mapping[st
     from pemma_core.training.local import train_backbone
 
     kind, spec = protocol.TRAIN["pretrain-ct"], instruction.spec
+    refuse_outside_limits(site, instruction)
     if not site.has_ct:
         nothing = Reply({}, {"num-examples": 0, "train-seconds": 0.0, "bytes-up": 0}, protocol.reply_meta(site.name))
         return check_reply(kind, nothing, arrays, spec.roi_size, site)
@@ -301,6 +391,7 @@ def pretrain_site(site: SiteConfig, instruction: Instruction, arrays: Mapping[st
                             device=resolve_device(site.device))
     sent = {k: v for k, v in backbone.cpu().state_dict().items() if k in floating and k in arrays}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
+    refuse_large_upload(site, out)
     count = int(max(result.examples.values(), default=0))
     metrics: dict[str, float | int] = {
         "num-examples": count,
@@ -324,11 +415,18 @@ def has_ehr(site: SiteConfig) -> bool:
 
 def ehr_stats_site(site: SiteConfig) -> Reply:
     """``query.ehr_stats``: the aggregates of the site's EHR training rows
-    (:func:`pemma_core.data.clinical.partial_stats`); a site without EHR answers with its name only."""
+    (:func:`pemma_core.data.clinical.partial_stats`), only from at least
+    ``limits.min_ehr_rows`` rows per covariate (below it the reply says what it withheld);
+    a site without EHR answers with its name only."""
     from pemma_core.training.prognosis import site_ehr_stats
 
-    stats = json.dumps(site_ehr_stats(site), sort_keys=True) if has_ehr(site) else None
-    return check_reply(protocol.EHR_STATS, Reply(meta=protocol.reply_meta(site.name, ehr_stats=stats)), {}, (1, 1, 1), site)
+    stats, withheld = None, None
+    if has_ehr(site):
+        found, note = site_ehr_stats(site, min_rows=site.limits.min_ehr_rows)
+        stats = json.dumps(found, sort_keys=True) if found is not None else None
+        withheld = note if found is None else None
+    reply = Reply(meta=protocol.reply_meta(site.name, ehr_stats=stats, withheld=withheld))
+    return check_reply(protocol.EHR_STATS, reply, {}, (1, 1, 1), site)
 
 
 def prognosis_site(
@@ -347,6 +445,7 @@ def prognosis_site(
     from pemma_core.training.prognosis import check_site_covariates, evaluate_survival, load_cohort, train_survival
 
     kind = protocol.TRAIN["prognosis"]
+    refuse_outside_limits(site, instruction)
     start = time.perf_counter()
     meta = protocol.reply_meta(site.name, str(instruction.fingerprint))
     if not has_survival_labels(site):
@@ -374,6 +473,7 @@ def prognosis_site(
     groups = model.param_groups
     sent = {k: v for k, v in trainable_state(model).items() if groups[k] in result.examples}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
+    refuse_large_upload(site, out)
     metrics: dict[str, float | int] = {
         "num-examples": len(cohort),
         "events-survival": events,

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "write a synthetic PET/CT federation (sites, manifests, clinical CSVs, site YAMLs)"),
     "check-site": ("pemma_core.data.site_check",
                    "check a site's YAML, manifest, clinical CSV and every image without training"),
+    "audit": ("pemma_core.audit",
+              "what this site has sent to the server: every message, tensor and metric (from its own log)"),
     "simulate": ("simulation.simulate",
                  "run a federation on this machine (Flower simulation engine): pretrain-ct, adapt, prognosis, "
                  "with a report"),

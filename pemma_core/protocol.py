@@ -65,6 +65,7 @@ class MessageType:
         return self.category if self.action == "default" else f"{self.category}.{self.action}"
 
 
+JOIN = MessageType("query", "join")  # a site's name and its declared training cases, once per run
 INSTALL_BACKBONE = MessageType("query", "install_backbone")  # the run's frozen CT backbone, once per site
 EHR_STATS = MessageType("query", "ehr_stats")  # aggregates of a site's EHR training rows
 EVALUATE = MessageType("evaluate")  # Dice per mode of the global adapters (after adapt rounds)
@@ -125,6 +126,9 @@ class Instruction:
         phase, the round, steps, rate, seed and wire dtype; pretrain-ct and adapt messages
         also the batch size; adapt and prognosis ones the backbone fingerprint.
         """
+        unknown = sorted(set(config) - set(_INSTRUCTION_KEYS.values()) - FLOWER_CONFIG_KEYS)
+        if unknown:  # a site does what the protocol names, nothing else (e.g. no "eval-split")
+            raise ValueError(f"message config: unknown key(s) {', '.join(map(repr, unknown))}: this site does not take them")
         phase = config.get("phase")
         if phase is not None and phase not in PHASES:
             raise ValueError(f"message config: unknown phase {phase!r}, expected one of {', '.join(PHASES)}")
@@ -162,6 +166,9 @@ _INSTRUCTION_KEYS: dict[str, str] = {
 }
 
 
+FLOWER_CONFIG_KEYS = frozenset({"server-round"})  # added by Flower's FedAvg to every message config
+
+
 def _spec(config: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec.from_json(str(config[_SPEC]))
 
@@ -182,6 +189,7 @@ def read_install_config(config: Mapping[str, Any]) -> tuple[ModelSpec, str]:
 # ----------------------------------------------------------------------------- replies
 
 SITE, FINGERPRINT, EHR_STATS_KEY = "site", _FINGERPRINT, "ehr-stats"  # reply config (META) entries
+WITHHELD = "withheld"  # why a site sent less than asked (a privacy floor), in its own words
 
 
 @dataclass
@@ -199,14 +207,31 @@ class Reply:
         return name if isinstance(name, str) and name else None
 
 
-def reply_meta(site: str, fingerprint: str | None = None, ehr_stats: str | None = None) -> dict[str, str]:
-    """A reply's config entries: the site's name, the backbone it used, its EHR aggregates."""
+def reply_meta(
+    site: str, fingerprint: str | None = None, ehr_stats: str | None = None, withheld: str | None = None
+) -> dict[str, str]:
+    """A reply's config entries: the site's name, the backbone it used, its EHR aggregates,
+    and what it withheld (a privacy floor) and why."""
     meta = {SITE: site}
-    if fingerprint is not None:
-        meta[FINGERPRINT] = fingerprint
-    if ehr_stats is not None:
-        meta[EHR_STATS_KEY] = ehr_stats
+    for key, value in ((FINGERPRINT, fingerprint), (EHR_STATS_KEY, ehr_stats), (WITHHELD, withheld)):
+        if value is not None:
+            meta[key] = value
     return meta
+
+
+# What a site declares when it joins: its training cases per modality (``survival``: with
+# survival labels). The server weights and checks every later reply against it.
+DECLARED: tuple[str, ...] = ("ct", "pet", "ehr", "survival")
+
+
+def declared_metrics(counts: Mapping[str, int]) -> dict[str, int]:
+    """A site's declared training cases as the metrics of its ``query.join`` reply (``train-cases-<modality>``)."""
+    return {f"train-cases-{kind}": int(counts.get(kind, 0)) for kind in DECLARED}
+
+
+def declared_of(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """The declared training cases a (checked) ``query.join`` reply holds, per modality (0 when absent)."""
+    return {kind: int(metrics.get(f"train-cases-{kind}", 0)) for kind in DECLARED}
 
 
 def examples_metrics(counts: Mapping[str, int]) -> dict[str, int]:
@@ -242,19 +267,65 @@ class ReplyKind:
 
 
 _EXAMPLES = frozenset(f"examples-{group}" for group in (*GROUPS, FULL_GROUP))
+_DECLARED = frozenset(f"train-cases-{kind}" for kind in DECLARED)
 _TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up"}) | _EXAMPLES
 _SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival"})  # of the site's held-out split
 _EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m in ("dice", "cases") for mode in MODES}
 _REPLY_CONFIG = frozenset({SITE, FINGERPRINT})
 
 REPLIES: dict[MessageType, ReplyKind] = {
+    JOIN: ReplyKind(tensors=False, metrics=_DECLARED, config=frozenset({SITE})),
     INSTALL_BACKBONE: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG),
-    EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY}),
+    EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY, WITHHELD}),
     TRAIN["pretrain-ct"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
     TRAIN["adapt"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
     TRAIN["prognosis"]: ReplyKind(tensors=True, metrics=_TRAINING | _SURVIVAL, config=_REPLY_CONFIG),
-    EVALUATE: ReplyKind(tensors=False, metrics=_EVALUATION, config=_REPLY_CONFIG),
+    EVALUATE: ReplyKind(tensors=False, metrics=_EVALUATION, config=_REPLY_CONFIG | {WITHHELD}),
 }
+
+# ----------------------------------------------------------------------------- metric values
+
+MAX_COUNT = 10**15  # counts beyond this are no count of cases or steps (and lose integer precision as floats)
+MAX_SECONDS = 1e7  # about 4 months
+MAX_META_CHARS = 1 << 20  # a config entry (the EHR statistics JSON is the largest) stays under 1 MiB
+
+
+def metric_range(name: str) -> str:
+    """The kind of value metric ``name`` holds: ``fraction`` (Dice, C-index: in [0, 1]),
+    ``loss`` (finite, >= 0), ``seconds`` (finite, >= 0) or ``count`` (a whole number >= 0)."""
+    if name.startswith("dice-") or name == "c-index":
+        return "fraction"
+    if name == "loss":
+        return "loss"
+    if name.endswith("-seconds"):
+        return "seconds"
+    return "count"
+
+
+def metric_value_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be metric ``name`` (see :func:`metric_range`), or None.
+
+    One number per metric: lists, nested values, booleans and strings are refused, and so
+    are NaN, infinities and values outside the metric's range.
+    """
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"metric {name!r} is a {type(value).__name__}; a reply holds one number per metric"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"metric {name!r} is not a number ({type(value).__name__})"
+    kind = metric_range(name)
+    if kind == "count":
+        if not isinstance(value, (int, np.integer)):
+            return f"metric {name!r} is a count but not a whole number ({value!r})"
+        if not 0 <= int(value) <= MAX_COUNT:
+            return f"metric {name!r} = {int(value)} is not a count in [0, {MAX_COUNT:.0e}]"
+        return None
+    number = float(value)
+    if not np.isfinite(number):
+        return f"metric {name!r} is not finite ({number})"
+    upper = {"fraction": 1.0, "loss": float("inf"), "seconds": MAX_SECONDS}[kind]
+    if not 0.0 <= number <= upper:
+        return f"metric {name!r} = {number:.4g} is outside [0, {upper:g}]"
+    return None
 
 
 class WireViolation(RuntimeError):
@@ -297,18 +368,22 @@ def reply_problems(
         shape = tuple(getattr(value, "shape", ()))
         if looks_like_image(shape, roi_size):
             problems.append(f"tensor {name!r} has an image-like shape {shape}")
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+            problems.append(f"tensor {name!r} has dtype {dtype}, expected a float or integer tensor")
     for key, value in reply.metrics.items():
         if key not in allowed.metrics:  # exact names: "loss-case-007" is not "loss"
-            problems.append(f"metric {key!r} is not an aggregate metric name")
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            problems.append(f"metric {key!r} is not numeric")
+            problems.append(f"metric {str(key)[:80]!r} is not an aggregate metric name")
+        elif (problem := metric_value_problem(key, value)) is not None:
+            problems.append(problem)
     for key, value in reply.meta.items():
         if key not in allowed.config:
-            problems.append(f"config entry {key!r} may not cross the wire")
-        if not isinstance(value, str):
+            problems.append(f"config entry {str(key)[:80]!r} may not cross the wire")
+        elif not isinstance(value, str):
             problems.append(f"config entry {key!r} is not a string")
-    texts = [*reply.metrics, *(str(v) for v in reply.meta.values())]
+        elif len(value) > MAX_META_CHARS:
+            problems.append(f"config entry {key!r} is {len(value)} characters long, more than {MAX_META_CHARS}")
+    texts = [*map(str, reply.metrics), *(str(v) for v in reply.meta.values())]
     for case_id in dict.fromkeys(case_ids):
         if case_id and any(case_id in text for text in texts):
             problems.append(f"a case id ({case_id!r}) appears in the message")
@@ -391,7 +466,11 @@ __all__ = [
     "EHR_STATS_KEY",
     "EVALUATE",
     "FINGERPRINT",
+    "DECLARED",
+    "FLOWER_CONFIG_KEYS",
     "INSTALL_BACKBONE",
+    "JOIN",
+    "MAX_COUNT",
     "INSTRUCTION_RECORDS",
     "META",
     "METRICS",
@@ -401,6 +480,7 @@ __all__ = [
     "SITE",
     "TRAIN",
     "WIRE_DTYPES",
+    "WITHHELD",
     "Instruction",
     "MessageType",
     "Reply",
@@ -408,12 +488,16 @@ __all__ = [
     "WireViolation",
     "check_reply",
     "check_wire_dtype",
+    "declared_metrics",
+    "declared_of",
     "dice_of",
     "examples_metrics",
     "examples_of",
     "from_wire",
     "install_config",
     "looks_like_image",
+    "metric_range",
+    "metric_value_problem",
     "payload_bytes",
     "read_install_config",
     "reply_meta",

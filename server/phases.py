@@ -41,6 +41,7 @@ from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import build_backbone
 from pemma_core.protocol import Instruction
 from server import records
+from server.roster import Roster, one_line_cause
 from server.run_dir import RunDir
 from server.strategy import PemmaStrategy, RoundRecord, state_to_record
 
@@ -53,10 +54,11 @@ SaveRound = Callable[[Path, RoundRecord, dict[str, np.ndarray]], None]  # (check
 class Installer(Protocol):
     """The backbone installer of the run (``server.server_app.BackboneInstaller``)."""
 
-    installed: Mapping[int, str]  # node id -> site name, of the nodes holding the backbone
+    roster: Roster  # the sites that joined
+    installed: set[int]  # nodes holding the backbone
 
     def __call__(self, grid: Grid) -> object:
-        """Install the backbone at nodes that connected since (before each round)."""
+        """Let nodes that connected since join, and install the backbone there (before each round)."""
 
 
 @dataclass
@@ -71,9 +73,10 @@ class Phase:
     round_offset: int  # global number of the round before the first one to run
     num_rounds: int  # rounds to run now
     save: SaveRound
+    roster: Roster
+    on_round_start: Callable[[Grid], object]  # late sites join (and get the backbone) before each round
     evaluate: bool = False
-    max_update_norm: float | None = None
-    installer: Installer | None = None  # installs late sites before each round; names the installed ones
+    max_update_norm: float | None = None  # the user's bound: adapt only (the automatic one runs in every phase)
 
 
 def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, progress: Progress | None) -> PemmaStrategy:
@@ -91,16 +94,17 @@ def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, prog
         groups=phase.groups,
         roi_size=phase.roi_size,
         instruction=phase.instruction,
+        roster=phase.roster,
         min_sites=settings.min_sites,
         max_update_norm=phase.max_update_norm,
+        outlier_factor=settings.outlier_factor or None,
+        rule=settings.aggregation,
         wire_dtype=settings.wire_dtype,
         round_offset=phase.round_offset,
         evaluate=phase.evaluate,
         on_round_end=on_round_end,
-        on_round_start=phase.installer,
+        on_round_start=phase.on_round_start,
     )
-    if phase.installer is not None:
-        strategy.node_names.update(phase.installer.installed)
     if phase.num_rounds > 0:
         strategy.start(grid, state_to_record(phase.state), num_rounds=phase.num_rounds, timeout=settings.round_timeout,
                        train_config=ConfigRecord(phase.instruction.to_config()))
@@ -139,7 +143,7 @@ def _state(model: SegmentationModel) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- phases
 
 
-def pretrain_ct(grid: Grid, settings: RunSettings, run: RunDir, progress: Progress | None) -> nn.Module:
+def pretrain_ct(grid: Grid, settings: RunSettings, run: RunDir, roster: Roster, progress: Progress | None) -> nn.Module:
     """Phase ``pretrain-ct``: FedAvg of the whole CT backbone over the sites holding CT."""
     spec = settings.model_spec()
     torch.manual_seed(settings.seed)
@@ -163,7 +167,7 @@ def pretrain_ct(grid: Grid, settings: RunSettings, run: RunDir, progress: Progre
                               seed=settings.seed, spec=spec)
     strategy = run_phase(grid, settings, run, Phase(
         name="pretrain-ct", state=state, groups=one_group(state), roi_size=spec.roi_size, instruction=instruction,
-        round_offset=offset, num_rounds=settings.pretrain_rounds - offset, save=save,
+        round_offset=offset, num_rounds=settings.pretrain_rounds - offset, save=save, roster=roster, on_round_start=roster,
     ), progress)
     if settings.pretrain_rounds > offset and not any(r.aggregated for r in strategy.rounds):
         raise RuntimeError("pretrain-ct: no round could aggregate (see the site errors above); no backbone to adapt")
@@ -194,39 +198,87 @@ def adapt(
     return run_phase(grid, settings, run, Phase(
         name="adapt", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=offset, num_rounds=settings.rounds - offset, save=_adapter_saver(model, "adapt"),
-        evaluate=settings.evaluate, max_update_norm=settings.max_update_norm or None, installer=installer,
+        evaluate=settings.evaluate, max_update_norm=settings.max_update_norm or None, roster=installer.roster,
+        on_round_start=installer,
     ), progress)
 
 
-def agree_ehr_width(grid: Grid, settings: RunSettings, sites: Mapping[int, str]) -> EhrPreprocessor | None:
+def agree_ehr_width(
+    grid: Grid, settings: RunSettings, run: RunDir, roster: Roster, nodes: set[int]
+) -> EhrPreprocessor | None:
     """The federation's EHR preprocessor, fitted from the sites' :func:`partial_stats`
     (aggregates of their training rows: counts, sums, centred sums of squares, category
-    sets); ``None`` when no site holds EHR (the model then has no EHR branch)."""
-    nodes = sorted(sites)
-    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=protocol.EHR_STATS.name) for n in nodes]
+    sets); ``None`` when no site holds EHR (the model then has no EHR branch).
+
+    Every reply is checked (:func:`pemma_core.data.clinical.partial_stats_problems`: types,
+    ranges, consistency, a bounded number of categories) and must come from a site that
+    declared EHR; where sites disagree on the covariates, the spec most sites send is kept.
+    What each site's statistics became (ok, withheld by its privacy floor, rejected with
+    the reason, failed, none) goes into the run info (``ehr_stats``); nothing here stops the run.
+    """
+    from pemma_core.data.clinical import ClinicalDataError, partial_stats_problems
+
+    targets = sorted(n for n in nodes if n in roster.members)
+    messages = [Message(content=RecordDict(), dst_node_id=n, message_type=protocol.EHR_STATS.name) for n in targets]
+    outcomes: dict[str, dict[str, str]] = {}
     stats: list[tuple[str, dict[str, Any]]] = []
+
+    def note(name: str, status: str, reason: str = "") -> None:
+        outcomes[name] = {"site": name, "status": status, **({"reason": reason} if reason else {})}
+        if status in ("rejected", "failed"):
+            log.warning("EHR statistics of site %s %s: %s", name, status, reason)
+
     for msg in grid.send_and_receive(messages, timeout=settings.round_timeout):
-        name = sites.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        node = msg.metadata.src_node_id
+        name = roster.label(node)
         if msg.has_error():
-            log.warning("EHR statistics of site %s failed; its EHR is left out: %s", name, msg.error.reason)
+            note(name, "failed", one_line_cause(msg.error.reason))
             continue
         reply, malformed = records.read_reply(msg)
         problems = malformed + protocol.reply_problems(protocol.EHR_STATS, reply, (), (1, 1, 1))
+        if reply.meta.get(protocol.SITE) != roster.members[node].name:
+            problems.append(f"the reply speaks for {str(reply.meta.get(protocol.SITE))[:80]!r}")
         if problems:
-            log.warning("EHR statistics of site %s ignored: %s", name, "; ".join(problems))
+            note(name, "rejected", "; ".join(problems))
             continue
-        if protocol.EHR_STATS_KEY in reply.meta:
-            stats.append((name, json.loads(str(reply.meta[protocol.EHR_STATS_KEY]))))
-    if not stats:
-        log.info("no site holds EHR: the survival head has no EHR branch")
-        return None
+        if protocol.EHR_STATS_KEY not in reply.meta:
+            note(name, "withheld" if protocol.WITHHELD in reply.meta else "none", str(reply.meta.get(protocol.WITHHELD, "")))
+            continue
+        if roster.members[node].declared.get("ehr", 0) < 1:
+            note(name, "rejected", "EHR statistics from a site that declared no EHR training cases when it joined")
+            continue
+        try:
+            decoded = json.loads(str(reply.meta[protocol.EHR_STATS_KEY]))
+        except ValueError as exc:
+            note(name, "rejected", f"ehr-stats is not JSON ({exc})")
+            continue
+        problems = partial_stats_problems(decoded)
+        if problems:
+            note(name, "rejected", "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+            continue
+        stats.append((name, decoded))
     stats.sort(key=lambda item: item[0])
-    specs = {name: [tuple(item) for item in s["spec"]] for name, s in stats}
-    first_name, first = next(iter(specs.items()))
-    for name, spec in specs.items():
-        if spec != first:
-            raise ValueError(f"EHR covariates differ between sites: {first_name} has {first}, {name} has {spec}")
-    preprocessor = EhrPreprocessor.from_partial_stats([s for _, s in stats])
+    if stats:  # the covariates most sites send (ties: the first site by name) are the federation's
+        specs = [json.dumps(s["spec"]) for _, s in stats]
+        common = max(dict.fromkeys(specs), key=specs.count)
+        for (name, s), spec in zip(list(stats), specs):
+            if spec != common:
+                note(name, "rejected", f"EHR covariates {s['spec']} differ from the federation's {json.loads(common)}")
+        stats = [(name, s) for (name, s), spec in zip(stats, specs) if spec == common]
+    preprocessor = None
+    if stats:
+        try:
+            preprocessor = EhrPreprocessor.from_partial_stats([s for _, s in stats])
+        except ClinicalDataError as exc:  # checked above; kept so that no statistics can stop the run
+            for name, _ in stats:
+                note(name, "rejected", str(exc))
+            stats = []
+    for name, _ in stats:
+        note(name, "ok")
+    run.update_run_info(ehr_stats=[outcomes[name] for name in sorted(outcomes)])
+    if preprocessor is None:
+        log.info("no usable EHR statistics: the survival head has no EHR branch")
+        return None
     log.info("EHR from %s: %d features", ", ".join(n for n, _ in stats), preprocessor.n_features)
     return preprocessor
 
@@ -250,7 +302,7 @@ def prognosis(
     """
     if settings.prognosis_rounds < 1:
         return None
-    preprocessor = agree_ehr_width(grid, settings, installer.installed)
+    preprocessor = agree_ehr_width(grid, settings, run, installer.roster, installer.installed)
     spec = replace(settings.model_spec(), survival=True, ehr_features=preprocessor.n_features if preprocessor else 0)
     torch.manual_seed(settings.seed)
     model = build_model(spec, backbone)
@@ -267,7 +319,7 @@ def prognosis(
     return run_phase(grid, settings, run, Phase(
         name="prognosis", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=first - 1, num_rounds=settings.prognosis_rounds, save=_adapter_saver(model, "prognosis", extra),
-        installer=installer,
+        roster=installer.roster, on_round_start=installer,
     ), progress)
 
 

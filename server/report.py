@@ -3,18 +3,30 @@
 Also the summary numbers of a run (:func:`overhead_share`, :func:`bytes_per_site`), which
 ``pemma simulate`` prints and the benchmark reports, and :func:`format_value`, the one
 number format of the markdown tables (the benchmark report uses it too).
+
+The robustness and privacy sections read what the strategy records (each may be absent
+in older runs): per site and round ``status`` (ok / clipped / rejected / failed),
+``reason``, ``clip_factor``; per round ``contributors`` (group -> sites aggregated); in
+the run info ``sites`` (declared cases), ``duplicate_names``, ``ehr_stats``,
+``adversaries`` and ``segments`` (:mod:`server.run_dir`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from server.run_dir import RunDir, phase_rounds
+from pemma_core.protocol import DECLARED
+from server.run_dir import PHASE_LISTS, RunDir, phase_rounds, run_segments, total_wall_seconds
+
+STATUSES = ("ok", "clipped", "rejected", "failed")
+AGGREGATED_STATUSES = ("ok", "clipped")  # replies whose tensors entered the aggregate
+MIN_PRIVATE_SITES = 3  # fewer contributors to a group aggregate and each can learn the others' update
 
 
 def overhead_share(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str, float]:
@@ -132,6 +144,210 @@ def plot_overlay(ct: np.ndarray, pet: np.ndarray | None, label: np.ndarray | Non
     return path
 
 
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Violation|Interrupt|Exit)\b")  # "RuntimeError: disk full"
+
+
+def one_line(text: Any, limit: int = 200) -> str:
+    """``text`` fit for a markdown table cell: no ANSI colour codes, one line, no ``|``, at most
+    ``limit`` characters; of a Python traceback only what precedes it and its exception line."""
+    plain = ANSI_CODES.sub("", str(text or ""))
+    head, traceback, tail = plain.partition("Traceback (most recent call last)")
+    if traceback:
+        raised = [line.strip() for line in tail.splitlines() if EXCEPTION_LINE.match(line.strip())]
+        plain = " ".join(part for part in (head.strip(), raised[-1] if raised else "") if part) or plain
+    plain = " ".join(plain.split()).replace("|", "\\|")
+    return plain if len(plain) <= limit else plain[: limit - 3] + "..."
+
+
+def round_ranges(rounds: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``."""
+    runs: list[list[int]] = []
+    for n in sorted(set(rounds)):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def segments_summary(metrics: Mapping[str, Any]) -> str | None:
+    """``wall time 212 s over 2 segments; interrupted after adapt round 3, resumed`` (None: nothing recorded)."""
+    segments = run_segments(metrics)
+    total = total_wall_seconds(metrics)
+    if not segments:
+        return f"wall time {total:.0f} s" if total else None
+    if len(segments) == 1:
+        return f"wall time {total:.0f} s" + ("" if segments[0]["ended"] == "finished" else ", interrupted")
+    events = []
+    for segment in segments[1:]:
+        after = segment["resumed_after"] or {}
+        last = next(((phase, after[phase]) for phase in reversed(PHASE_LISTS) if phase in after), None)
+        events.append(f"interrupted after {last[0]} round {last[1]}, resumed" if last
+                      else "interrupted before any finished round, resumed")
+    if segments[-1]["ended"] != "finished":
+        events.append("the last segment was interrupted")
+    return f"wall time {total:.0f} s over {len(segments)} segments; " + "; ".join(events)
+
+
+def site_replies(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every site entry of every round: ``phase``, ``round``, ``site``, ``status``, ``reason``, ``clip_factor``."""
+    out = []
+    for phase in PHASE_LISTS:
+        for r in phase_rounds(metrics, phase):
+            for s in r.get("sites", []):
+                out.append({"phase": phase, "round": r["round"], "site": s.get("name", "?"),
+                            "status": s.get("status", "ok"), "reason": one_line(s.get("reason")),
+                            "clip_factor": s.get("clip_factor")})
+    return out
+
+
+def status_counts(metrics: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """Phase -> status -> number of site replies (every status of :data:`STATUSES`, plus any other seen)."""
+    counts: dict[str, dict[str, int]] = {}
+    for reply in site_replies(metrics):
+        phase = counts.setdefault(reply["phase"], dict.fromkeys(STATUSES, 0))
+        phase[reply["status"]] = phase.get(reply["status"], 0) + 1
+    return counts
+
+
+def round_contributors(record: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Group -> sites whose tensors of that group were aggregated in this round: the round's
+    ``contributors``; for a run that did not record them, the accepted sites that counted
+    examples of the group (none if the round did not aggregate)."""
+    if "contributors" in record:
+        return {group: sorted(sites) for group, sites in record["contributors"].items()}
+    if not record.get("aggregated"):
+        return {}
+    out: dict[str, list[str]] = {}
+    for s in record.get("sites", []):
+        if s.get("status", "ok") in AGGREGATED_STATUSES:
+            for group, n in s.get("examples", {}).items():
+                if n:
+                    out.setdefault(group, []).append(s["name"])
+    return {group: sorted(sites) for group, sites in out.items()}
+
+
+def small_aggregates(metrics: Mapping[str, Any], minimum: int = MIN_PRIVATE_SITES) -> list[dict[str, Any]]:
+    """Group aggregates formed from fewer than ``minimum`` sites: ``phase``, ``group``, ``sites``,
+    ``rounds`` (one item per phase, group and set of sites)."""
+    found: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
+    for phase in PHASE_LISTS:
+        for r in phase_rounds(metrics, phase):
+            for group, sites in round_contributors(r).items():
+                if 0 < len(sites) < minimum:
+                    found.setdefault((phase, group, tuple(sites)), []).append(r["round"])
+    return [{"phase": p, "group": g, "sites": list(s), "rounds": rounds} for (p, g, s), rounds in found.items()]
+
+
+def _privacy_line(item: Mapping[str, Any]) -> str:
+    sites = item["sites"]
+    head = (f"group {item['group']} aggregated from {len(sites)} site{'s' if len(sites) > 1 else ''} "
+            f"({', '.join(sites)}) in {item['phase']} round{'s' if len(item['rounds']) > 1 else ''} "
+            f"{round_ranges(item['rounds'])}: ")
+    if len(sites) == 1:
+        return head + "the aggregate is that site's own update, seen by the server and every site"
+    if len(sites) == 2:
+        return head + "each of them can subtract its own update and recover the other's"
+    return head + "fewer sites than a private aggregate needs"
+
+
+def _status_cell(site: Mapping[str, Any]) -> str:
+    status = str(site.get("status", ""))
+    if site.get("clip_factor") is not None:
+        status += f" (x{float(site['clip_factor']):.3g})"
+    if site.get("reason"):
+        status += f": {one_line(site['reason'])}"
+    return status
+
+
+def _sites_section(info: Mapping[str, Any]) -> list[str]:
+    sites = info.get("sites") or []
+    duplicates = info.get("duplicate_names") or {}
+    if not sites and not duplicates:
+        return []
+    lines = ["## Sites", ""]
+    declared = [s for s in sites if isinstance(s, Mapping)]
+    if declared:
+        lines += ["Cases each site declared per modality.", "",
+                  "| site | node | " + " | ".join(DECLARED) + " |", "|---|---|" + "---|" * len(DECLARED)]
+        for s in declared:
+            name = one_line(s.get("name", "?"))
+            flag = " **(duplicate name)**" if s.get("name") in duplicates else ""
+            counts = s.get("declared") or {}
+            lines.append(f"| {name}{flag} | {s.get('node_id', '-')} | "
+                         + " | ".join(format_value(counts.get(k)) for k in DECLARED) + " |")
+        lines.append("")
+    configs = [str(s) for s in sites if not isinstance(s, Mapping)]  # older runs: the simulated sites' YAML paths
+    if configs:
+        lines += ["Site configs: " + ", ".join(f"`{one_line(c)}`" for c in configs), ""]
+    for name, nodes in sorted(duplicates.items()):
+        lines.append(f"- **duplicate name** {one_line(name)}: claimed by nodes {', '.join(str(n) for n in nodes)}")
+    if duplicates:
+        lines.append("")
+    return lines
+
+
+def _robustness_section(metrics: Mapping[str, Any]) -> list[str]:
+    counts = status_counts(metrics)
+    adversaries = metrics.get("run", {}).get("adversaries") or {}
+    if not counts and not adversaries:
+        return []
+    lines = ["## Robustness", ""]
+    if adversaries:
+        lines += ["Simulated adversaries: " + ", ".join(f"{one_line(site)} ({one_line(kind)})"
+                                                       for site, kind in sorted(adversaries.items())), ""]
+    if counts:
+        statuses = list(STATUSES) + sorted({k for c in counts.values() for k in c} - set(STATUSES))
+        lines += ["| phase | " + " | ".join(statuses) + " |", "|---|" + "---|" * len(statuses)]
+        lines += [f"| {phase} | " + " | ".join(str(c.get(k, 0)) for k in statuses) + " |" for phase, c in counts.items()]
+        lines.append("")
+    flagged = [r for r in site_replies(metrics) if r["status"] != "ok"]
+    if flagged:
+        lines += ["| phase | round | site | status | reason |", "|---|---|---|---|---|"]
+        for r in flagged:
+            status = r["status"] + (f" (x{float(r['clip_factor']):.3g})" if r["clip_factor"] is not None else "")
+            lines.append(f"| {r['phase']} | {r['round']} | {one_line(r['site'])} | {status} | {r['reason'] or '-'} |")
+    elif counts:
+        lines.append("Every reply was accepted as sent.")
+    lines.append("")
+    return lines
+
+
+def _privacy_section(metrics: Mapping[str, Any]) -> list[str]:
+    recorded = any("contributors" in r for key in ("pretrain_rounds", "rounds") for r in metrics.get(key, []))
+    small = small_aggregates(metrics)
+    ehr = metrics.get("run", {}).get("ehr_stats") or []
+    any_round = metrics.get("rounds") or metrics.get("pretrain_rounds")
+    if not any_round and not ehr:
+        return []
+    lines = ["## Privacy", ""]
+    if not recorded and any_round:
+        lines += ["(This run did not record contributors per group; they are read from the accepted sites' counts.)", ""]
+    if small:
+        lines += [f"Group aggregates formed from fewer than {MIN_PRIVATE_SITES} sites:", ""]
+        lines += [f"- {_privacy_line(item)}" for item in small]
+    elif any_round:
+        lines.append(f"Every group aggregate was formed from at least {MIN_PRIVATE_SITES} sites.")
+    lines.append("")
+    if ehr:
+        lines += ["EHR statistics (for the federation's EHR preprocessor):", "",
+                  "| site | status | reason |", "|---|---|---|"]
+        lines += [f"| {one_line(e.get('site', '?'))} | {one_line(e.get('status', '?'))} | {one_line(e.get('reason')) or '-'} |"
+                  for e in ehr]
+        lines.append("")
+    return lines
+
+
+def _failures_section(metrics: Mapping[str, Any]) -> list[str]:
+    failed = [r for r in site_replies(metrics) if r["status"] == "failed"]
+    if not failed:
+        return []
+    lines = ["## Failures", "", "| site | phase | round | cause |", "|---|---|---|---|"]
+    lines += [f"| {one_line(r['site'])} | {r['phase']} | {r['round']} | {r['reason'] or '-'} |" for r in failed]
+    return lines + [""]
+
+
 def format_value(value: Any, digits: int = 3) -> str:
     """A number for a markdown table: ``-`` for None, floats to ``digits`` places."""
     if value is None:
@@ -159,7 +375,10 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
     info = metrics.get("run", {})
     if info.get("fingerprint"):
         lines.append(f"Backbone fingerprint `{info['fingerprint'][:16]}...` ({info.get('backbone_source', '')}).")
+    if wall := segments_summary(metrics):
+        lines.append(wall[0].upper() + wall[1:] + ".")
     lines.append("")
+    lines += _sites_section(info)
     for phase in ("pretrain-ct", "adapt"):
         rounds = phase_rounds(metrics, phase)
         if not rounds:
@@ -169,15 +388,13 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
         for r in rounds:
             for i, s in enumerate(r.get("sites", [])):
                 dice = ", ".join(f"{m} {v:.3f}" for m, v in s.get("dice", {}).items()) or "-"
-                status = s.get("status", "")
-                if s.get("reason"):
-                    status += f": {s['reason'][:200]}"
+                status = _status_cell(s)
                 lines.append(
                     f"| {r['round'] if i == 0 else ''} | {format_value(r.get('wall_seconds'), 1) if i == 0 else ''} | {s['name']} | "
                     f"{status} | {format_value(s.get('loss'))} | {format_value(s.get('train_seconds'), 2)} | {s.get('bytes_up', 0)} | {dice} |"
                 )
             if r.get("note"):
-                lines.append(f"| {r['round']} | | | {r['note']} | | | | |")
+                lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | | |")
         lines.append("")
     prognosis = phase_rounds(metrics, "prognosis")
     if prognosis:
@@ -187,21 +404,22 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                   "| round | wall s | site | status | loss | events | C-index |", "|---|---|---|---|---|---|---|"]
         for r in prognosis:
             for i, s in enumerate(r.get("sites", [])):
-                status = s.get("status", "") + (f": {s['reason'][:200]}" if s.get("reason") else "")
+                status = _status_cell(s)
                 events = max(s.get("examples", {}).values(), default=0)
                 lines.append(f"| {r['round'] if i == 0 else ''} | {format_value(r.get('wall_seconds'), 1) if i == 0 else ''} | "
                              f"{s['name']} | {status} | {format_value(s.get('loss'))} | {events} | {format_value(s.get('c_index'))} |")
             if "c-index" in r.get("train_metrics", {}):
                 lines.append(f"| {r['round']} | | mean | | | | {r['train_metrics']['c-index']:.3f} |")
             if r.get("note"):
-                lines.append(f"| {r['round']} | | | {r['note']} | | | |")
+                lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | |")
         lines.append("")
+    lines += _robustness_section(metrics) + _privacy_section(metrics) + _failures_section(metrics)
     if dice_png:
         lines += ["## Dice per round", "", f"![Dice per round]({dice_png.relative_to(run.path)})", ""]
     if overlay is not None:
         lines += ["## A prediction", "", f"![prediction overlay]({overlay.relative_to(run.path)})", ""]
     share = overhead_share(metrics)
-    if share.get("rounds"):
+    if share.get("rounds") and share["train_wall_seconds"] > 0:
         lines += [
             "## Where the time goes (adapt rounds)",
             "",
@@ -222,8 +440,15 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
 __all__ = [
     "bytes_per_site",
     "format_value",
+    "one_line",
     "overhead_share",
     "plot_dice",
     "plot_overlay",
+    "round_contributors",
+    "round_ranges",
+    "segments_summary",
+    "site_replies",
+    "small_aggregates",
+    "status_counts",
     "write_report",
 ]

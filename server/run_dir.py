@@ -25,11 +25,21 @@ round of each phase.
 Each item of ``rounds`` (and ``pretrain_rounds``) holds ``phase``, ``round``,
 ``wall_seconds`` (train + evaluate), ``train_wall_seconds`` (sending the global
 tensors to collecting every reply, aggregation included), ``aggregation_seconds``,
-``aggregated``, ``note`` and ``sites``: one entry per site with ``name``, ``status``
-(ok / rejected / failed), ``reason``, ``bytes_up``, ``bytes_down``, ``train_seconds``,
+``aggregated``, ``note``, ``contributors`` (group -> sites aggregated) and ``sites``: one
+entry per site with ``name``, ``status`` (ok / clipped / rejected / failed), ``reason``,
+``clip_factor`` (clipped), ``bytes_up``, ``bytes_down``, ``train_seconds``,
 ``setup_seconds``, ``loss``, ``examples`` (per group) and ``dice`` (per evaluated mode),
 and in ``prognosis`` rounds (in ``rounds`` too, ``phase: "prognosis"``) ``c_index`` (the
 site's held-out split, where it could be computed).
+
+``run.segments`` lists the process runs that made the run, one per start or ``--resume``
+(:meth:`RunDir.start_segment`, :meth:`RunDir.finish_segment`)::
+
+    {"started": ISO time, "wall_seconds": s, "resumed_after": {phase: last finished round} | null,
+     "ended": "finished" | "interrupted"}
+
+A segment reads ``interrupted`` until it is finished; its ``wall_seconds`` is refreshed
+with every round it records, so an interrupted one keeps its time up to its last round.
 """
 
 from __future__ import annotations
@@ -38,12 +48,14 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PHASE_LISTS = {"pretrain-ct": "pretrain_rounds", "adapt": "rounds", "prognosis": "rounds"}
+PHASE_LISTS = {"pretrain-ct": "pretrain_rounds", "adapt": "rounds", "prognosis": "rounds"}  # in run order
+FINISHED, INTERRUPTED = "finished", "interrupted"
 
 
 def _phase_of(record: Mapping[str, Any], key: str) -> str:
@@ -54,6 +66,39 @@ def phase_rounds(metrics: Mapping[str, Any], phase: str) -> list[dict[str, Any]]
     """The ``metrics.json`` entries of one phase (adapt and prognosis share ``rounds``)."""
     key = PHASE_LISTS[phase]
     return [r for r in metrics.get(key, []) if _phase_of(r, key) == phase]
+
+
+def run_segments(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's segments (``run.segments``), each with ``ended`` (a segment never finished reads
+    ``interrupted``), ``wall_seconds`` and ``resumed_after``; empty for a run recorded without them."""
+    out = []
+    for segment in metrics.get("run", {}).get("segments", []):
+        ended = segment.get("ended")
+        out.append({**segment, "wall_seconds": float(segment.get("wall_seconds") or 0.0),
+                    "resumed_after": segment.get("resumed_after") or None,
+                    "ended": FINISHED if ended == FINISHED else INTERRUPTED})
+    return out
+
+
+def total_wall_seconds(metrics: Mapping[str, Any]) -> float:
+    """Wall time of the whole run: the sum over its segments (a run recorded without segments: its
+    ``wall_seconds``, else 0)."""
+    segments = run_segments(metrics)
+    if segments:
+        return sum(s["wall_seconds"] for s in segments)
+    return float(metrics.get("run", {}).get("wall_seconds") or 0.0)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _refresh_segment(info: dict[str, Any]) -> None:
+    """The current (last) segment's ``wall_seconds``: now minus its start."""
+    segments = info.get("segments") or []
+    if segments and segments[-1].get("ended") != FINISHED and segments[-1].get("started"):
+        started = datetime.fromisoformat(segments[-1]["started"])
+        segments[-1]["wall_seconds"] = round(max(0.0, (_now() - started).total_seconds()), 3)
 
 
 class RunDir:
@@ -130,12 +175,39 @@ class RunDir:
         items = [r for r in data[PHASE_LISTS[record["phase"]]] if r["round"] != record["round"]]  # one entry per round number
         items.append(dict(record))
         data[PHASE_LISTS[record["phase"]]] = sorted(items, key=lambda r: r["round"])
+        _refresh_segment(data["run"])
         self.write_json(self.metrics_json, data)
 
     def update_run_info(self, **info: Any) -> None:
         data = self.metrics()
         data["run"].update(info)
         self.write_json(self.metrics_json, data)
+
+    def start_segment(self, resumed_after: Mapping[str, int] | None = None) -> None:
+        """Open a segment (at the start of the run, or of a resume: ``resumed_after`` is then
+        :meth:`finished_rounds`, read before anything is forgotten). It reads ``interrupted``
+        until :meth:`finish_segment`."""
+        data = self.metrics()
+        segments = data["run"].setdefault("segments", [])
+        segments.append({"started": _now().isoformat(timespec="milliseconds"), "wall_seconds": 0.0,
+                         "resumed_after": dict(resumed_after) if resumed_after is not None else None,
+                         "ended": INTERRUPTED})
+        self.write_json(self.metrics_json, data)
+
+    def finish_segment(self) -> None:
+        """Close the current segment: its final ``wall_seconds``, ``ended: finished``."""
+        data = self.metrics()
+        segments = data["run"].get("segments") or []
+        if not segments:
+            raise RuntimeError(f"{self.metrics_json}: no run segment to finish (start_segment was not called)")
+        _refresh_segment(data["run"])
+        segments[-1]["ended"] = FINISHED
+        self.write_json(self.metrics_json, data)
+
+    def finished_rounds(self) -> dict[str, int]:
+        """Last finished round of each phase that has one, in run order (what a resume continues after)."""
+        rounds = {phase: self.last_finished_round(phase) for phase in PHASE_LISTS}
+        return {phase: n for phase, n in rounds.items() if n > 0}
 
     def last_finished_round(self, phase: str) -> int:
         """Highest round with both its checkpoint and its metrics entry (0 if none; adapt
@@ -171,4 +243,4 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-__all__ = ["PHASE_LISTS", "RunDir", "phase_rounds"]
+__all__ = ["FINISHED", "INTERRUPTED", "PHASE_LISTS", "RunDir", "phase_rounds", "run_segments", "total_wall_seconds"]

@@ -3,8 +3,9 @@
 The recipe (:func:`run_federation`)::
 
     settings   <- run config ([tool.flwr.app.config], or `pemma simulate` options)
-    sites      -> recorded only when the run config lists them (a simulation); the server
-                  never writes site data (a deployed SuperNode names its own site YAML)
+    join       -> every site gives its name and declares its training cases per modality
+                  (server.roster; recorded in run.json); sites connecting later join before
+                  their first round. The server never writes site data.
     backbone   <- RUN/backbone.safetensors | backbone-file | pretrain-ct (FedAvg over CT sites)
     install    -> every site receives the backbone once and checks its fingerprint
     adapt      -> PEMMA adapters, rounds of: train (modality-aware aggregation) + evaluate
@@ -42,7 +43,8 @@ from pemma_core.model.spec import ModelSpec, build_backbone
 from server import records
 from server.phases import Progress, adapt, pretrain_ct, prognosis
 from server.report import write_report
-from server.run_dir import RunDir
+from server.roster import Roster, one_line_cause
+from server.run_dir import RunDir, total_wall_seconds
 from server.strategy import RoundRecord
 
 log = logging.getLogger("flwr.pemma")
@@ -63,6 +65,7 @@ def prepare_run_dir(settings: RunSettings) -> RunDir:
         raise FileExistsError(f"{run.path} already holds a run: resume it (--resume) or choose another folder")
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json(run.run_json, settings.to_json())
+    run.start_segment(run.finished_rounds() if settings.resume else None)  # before a resume forgets anything
     return run
 
 
@@ -89,7 +92,9 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     return nodes
 
 
-def obtain_backbone(grid: Grid, settings: RunSettings, run: RunDir, progress: Progress | None) -> tuple[nn.Module, str]:
+def obtain_backbone(
+    grid: Grid, settings: RunSettings, run: RunDir, roster: Roster, progress: Progress | None
+) -> tuple[nn.Module, str]:
     """The run's frozen CT backbone and its fingerprint, written to ``RUN/backbone.safetensors``."""
     spec = settings.model_spec()
     if run.backbone_file.exists():
@@ -100,7 +105,7 @@ def obtain_backbone(grid: Grid, settings: RunSettings, run: RunDir, progress: Pr
         shutil.copyfile(Path(settings.backbone_file).expanduser(), run.backbone_file)
         source = f"file {settings.backbone_file}"
     else:
-        backbone = pretrain_ct(grid, settings, run, progress) if settings.pretrain_rounds else None
+        backbone = pretrain_ct(grid, settings, run, roster, progress) if settings.pretrain_rounds else None
         if backbone is None:
             torch.manual_seed(settings.seed)
             backbone = build_backbone(spec)
@@ -122,39 +127,66 @@ class BackboneInstaller:
     """Sends the run's backbone to each site once (``query.install_backbone``).
 
     Called before the adapt phase and again before every round, so a SuperNode that
-    connects late still receives it; a node that refused (another fingerprint) is not
-    asked again.
+    connects late still joins and receives it; a node that refused (another fingerprint)
+    is not asked again.
     """
 
-    def __init__(self, settings: RunSettings, backbone: nn.Module, fingerprint: str) -> None:
+    def __init__(self, settings: RunSettings, backbone: nn.Module, fingerprint: str, roster: Roster, run: RunDir) -> None:
         self.settings = settings
+        self.roster = roster
+        self.run = run
+        self.fingerprint = fingerprint
         self.content = records.instruction(
             {k: v.detach().cpu().numpy() for k, v in backbone.state_dict().items()},
             protocol.install_config(settings.model_spec(), fingerprint),
         )
-        self.installed: dict[int, str] = {}  # node id -> site name
-        self.refused: dict[int, str] = {}  # node id -> reason
+        self.installed: set[int] = set()
+        self.refused: dict[int, str] = {}  # node id -> one-line cause
 
-    def __call__(self, grid: Grid) -> dict[int, str]:
-        nodes = [n for n in grid.get_node_ids() if n not in self.installed and n not in self.refused]
+    def __call__(self, grid: Grid) -> set[int]:
+        join(grid, self.roster, self.run)
+        nodes = [n for n in self.roster.members if n not in self.installed and n not in self.refused]
         if not nodes:
             return self.installed
         messages = [Message(content=self.content, dst_node_id=n, message_type=protocol.INSTALL_BACKBONE.name) for n in nodes]
         for reply in grid.send_and_receive(messages, timeout=self.settings.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.refused[node] = reply.error.reason
-                log.warning("node %d refused the backbone and will not take part: %s", node, reply.error.reason)
-                continue
-            self.installed[node] = records.read_reply(reply)[0].site or f"node-{node}"
-        log.info("backbone installed at %d site(s): %s", len(self.installed), ", ".join(sorted(self.installed.values())))
+                self.refused[node] = one_line_cause(reply.error.reason)
+            else:
+                answer, malformed = records.read_reply(reply)
+                problems = malformed + protocol.reply_problems(protocol.INSTALL_BACKBONE, answer, (), (1, 1, 1))
+                if answer.site != self.roster.members[node].name:
+                    problems.append(f"the reply speaks for {str(answer.site)[:80]!r}")
+                if answer.meta.get(protocol.FINGERPRINT) != self.fingerprint:
+                    problems.append("the reply names another backbone")
+                if not problems:
+                    self.installed.add(node)
+                    continue
+                self.refused[node] = "install reply refused: " + "; ".join(problems)
+            log.warning("site %s did not take the backbone and will not take part: %s", self.roster.label(node),
+                        self.refused[node])
+        log.info("backbone installed at %d site(s): %s", len(self.installed),
+                 ", ".join(sorted(self.roster.label(n) for n in self.installed)))
         return self.installed
 
 
-def install_backbone(grid: Grid, settings: RunSettings, backbone: nn.Module, fingerprint: str) -> BackboneInstaller:
-    """Install the backbone at every connected site; at least ``min-sites`` must take it."""
-    wait_for_nodes(grid, settings.min_sites, settings.round_timeout)
-    installer = BackboneInstaller(settings, backbone, fingerprint)
+def join(grid: Grid, roster: Roster, run: RunDir) -> Roster:
+    """Let every connected node that has not joined yet join, and record the sites in the run info."""
+    before = roster.to_json()
+    roster(grid)
+    if roster.to_json() != before or not run.metrics()["run"].get("sites"):
+        joined = roster.to_json()
+        run.update_run_info(**joined)  # for the report
+        run.write_json(run.run_json, {**run.read_json(run.run_json, {}), **joined})  # what the run was set up with
+    return roster
+
+
+def install_backbone(
+    grid: Grid, settings: RunSettings, run: RunDir, roster: Roster, backbone: nn.Module, fingerprint: str
+) -> BackboneInstaller:
+    """Install the backbone at every site that joined; at least ``min-sites`` must take it."""
+    installer = BackboneInstaller(settings, backbone, fingerprint, roster, run)
     if len(installer(grid)) < settings.min_sites:
         raise RuntimeError(f"only {len(installer.installed)} site(s) accepted the backbone, min-sites is {settings.min_sites}")
     return installer
@@ -170,14 +202,19 @@ def log_progress(record: RoundRecord) -> None:
 def run_federation(grid: Grid, settings: RunSettings, progress: Progress | None = log_progress) -> RunDir:
     """The whole run (see the module docstring); returns the run folder."""
     run = prepare_run_dir(settings)
-    started = time.perf_counter()
     if sites := settings.site_config_list():  # a simulation names its sites; deployed nodes name their own
-        run.update_run_info(sites=[str(p) for p in sites])
-    backbone, fingerprint = obtain_backbone(grid, settings, run, progress)
-    installer = install_backbone(grid, settings, backbone, fingerprint)
+        run.update_run_info(site_configs=[str(p) for p in sites])
+    wait_for_nodes(grid, settings.min_sites, settings.round_timeout)
+    roster = join(grid, Roster(timeout=settings.round_timeout), run)
+    if len(roster.members) < settings.min_sites:
+        raise RuntimeError(f"only {len(roster.members)} site(s) could join, min-sites is {settings.min_sites}: "
+                           + "; ".join(f"{label}: {cause}" for label, cause in roster.failed.values()))
+    backbone, fingerprint = obtain_backbone(grid, settings, run, roster, progress)
+    installer = install_backbone(grid, settings, run, roster, backbone, fingerprint)
     adapted = adapt(grid, settings, run, backbone, installer, progress)
     prognosis(grid, settings, run, backbone, installer, adapted.global_state, progress)
-    run.update_run_info(wall_seconds=time.perf_counter() - started)
+    run.finish_segment()
+    run.update_run_info(wall_seconds=total_wall_seconds(run.metrics()))  # every segment of the run, resumed ones too
     write_report(run)
     log.info("run folder: %s", run.path)
     return run

@@ -1,22 +1,26 @@
-"""The PEMMA strategy: Flower's FedAvg with modality-aware, validated aggregation.
+"""The PEMMA strategy: Flower's FedAvg with modality-aware, validated, robust aggregation.
 
 Flower's :class:`~flwr.serverapp.strategy.FedAvg` does the protocol: node sampling,
 building the train/evaluate messages, the round loop (``Strategy.start``). This class
-changes only what happens to the replies:
+changes who is asked and what happens to the replies:
 
-* every reply is checked against :mod:`pemma_core.protocol` (only the tensors the
-  server sent, no image-like tensor, only the metric names and config entries its kind
-  of reply may hold: ``ehr-stats`` belongs to the reply to ``query.ehr_stats``, which the
-  server reads itself) and
-  :func:`pemma_core.aggregation.aggregate_round`, which validates every update (shapes,
-  dtypes, finite values, per-group counts, update norm at most ``max_update_norm``); a
-  reply that fails is *rejected* with a logged reason and the round goes on without it;
-* a site that errors, times out or disconnects is simply absent from the replies;
-* the round aggregates only if at least ``min_sites`` sites replied with an accepted
-  update; otherwise the global tensors stay as they were and the round is marked so;
-* aggregation is :func:`pemma_core.aggregation.aggregate_round` (per tensor, the
-  example-weighted mean over the sites that sent it, in float64 whatever the wire
-  dtype), over the updates sorted by site name so that a run is reproducible.
+* only sites that joined (:class:`server.roster.Roster`) are sent work, and a site that
+  fails (an error reply) is sent nothing more in this phase; it is reported by its site
+  name and the one-line cause of its error;
+* every reply is checked before use (:mod:`pemma_core.protocol`): only the records, tensors,
+  metric names and config entries its kind of reply may hold, every metric a finite
+  number in its range, the name the node joined under (a node cannot speak for another
+  site), the backbone fingerprint and the wire dtype; a reply that fails is *rejected* with
+  its reasons and the round goes on without it;
+* :func:`pemma_core.aggregation.aggregate_round` then validates each update's content
+  (shapes, dtypes, finite values), justifies it against what the site declared when it
+  joined (:meth:`Roster.allowance`: only the groups its modalities train, example counts
+  within what the round allowed, weights up to its declared cases), rejects outliers
+  (``outlier_factor``), clips to ``max_update_norm`` (adapt) and combines the rest by the
+  run's rule (``mean``, ``median``, ``trimmed-mean``) over the updates sorted by site name,
+  so a run is reproducible;
+* the round aggregates only if at least ``min_sites`` updates were accepted; otherwise the
+  global tensors stay as they were and the round is marked so.
 
 The same class runs every phase: ``pretrain-ct`` (FedAvg of the whole CT backbone: one
 group, ``backbone``), ``adapt`` (PEMMA adapters with their parameter groups) and
@@ -44,8 +48,10 @@ from flwr.serverapp.strategy import FedAvg
 
 from pemma_core import protocol
 from pemma_core.aggregation import SiteUpdate, aggregate_round
+from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
 from server import records
+from server.roster import Roster, one_line_cause
 
 log = logging.getLogger("flwr.pemma")  # a child of Flower's logger: same handlers, streamed by `flwr run --stream`
 
@@ -56,8 +62,10 @@ class SiteReport:
 
     name: str
     node_id: int
-    status: str = "ok"  # ok | rejected | failed
+    status: str = "ok"  # ok | clipped | rejected | failed
     reason: str = ""
+    clip_factor: float | None = None  # clipped: the factor its update was scaled by
+    rms: dict[str, float] = field(default_factory=dict)  # per group: RMS of its update's change per element
     bytes_up: int = 0
     bytes_down: int = 0
     train_seconds: float = 0.0
@@ -95,6 +103,10 @@ class SiteReport:
         }
         if self.c_index is not None:
             out["c_index"] = self.c_index
+        if self.clip_factor is not None:
+            out["clip_factor"] = self.clip_factor
+        if self.rms:
+            out["rms"] = {g: float(f"{v:.6g}") for g, v in self.rms.items()}
         if self.reason:
             out["reason"] = self.reason
         return out
@@ -111,6 +123,8 @@ class RoundRecord:
     aggregated: bool = False
     note: str = ""
     sites: dict[int, SiteReport] = field(default_factory=dict)  # node id -> report
+    contributors: dict[str, list[str]] = field(default_factory=dict)  # group -> sites whose tensors were aggregated
+    reference_rms: float | None = None  # the outlier rule's reference (pooled median RMS of the round's updates)
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -132,6 +146,8 @@ class RoundRecord:
             "aggregated": self.aggregated,
             "note": self.note,
             "sites": [s.to_json() for s in sites],
+            "contributors": {g: list(names) for g, names in sorted(self.contributors.items())},
+            "reference_rms": self.reference_rms,
             "train_metrics": dict(self.train_metrics),
             "eval_metrics": dict(self.eval_metrics),
         }
@@ -143,7 +159,7 @@ def state_to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32"
 
 
 class PemmaStrategy(FedAvg):
-    """FedAvg whose replies are validated and aggregated per parameter group.
+    """FedAvg whose replies are validated, justified and aggregated per parameter group.
 
     Parameters
     ----------
@@ -154,15 +170,20 @@ class PemmaStrategy(FedAvg):
     instruction: the config of every train and evaluate message (local steps, lr, seed,
         model spec, fingerprint...); ``phase``, ``round`` (the global round number) and
         ``wire_dtype`` are set for each round.
+    roster: the sites that joined (names, declared cases); None: every node is a site
+        named ``node-<id>`` that declared nothing (tests of the aggregation alone).
     min_sites: fewest accepted replies a round needs to aggregate; also the number of
         connected sites Flower waits for before sampling.
-    max_update_norm: bound on ``||update - global||_2`` per site (None: no bound).
+    max_update_norm: user bound on ``||update - global||_2``: larger updates are clipped to it.
+    outlier_factor: automatic bound: a site whose update, per element, moved a group more
+        than this many times the round's median is rejected (None: off).
+    rule: how each group is combined (:data:`pemma_core.aggregation.RULES`).
     wire_dtype: ``float32`` or ``float16``: the dtype of tensors on the wire.
     round_offset: rounds already done (``--resume``): Flower's round ``r`` is global
         round ``round_offset + r``.
     evaluate: run federated evaluation (Dice per site and mode) after each round.
     on_round_start: called with the grid before each round's messages are built (the
-        server app installs the backbone at sites that connected late).
+        roster asks late sites to join; the server app installs the backbone there).
     on_round_end: called with the round's record and the new global tensors once the
         round (training and evaluation) is over: checkpoints and metrics are written there.
     """
@@ -174,8 +195,11 @@ class PemmaStrategy(FedAvg):
         groups: Mapping[str, str],
         roi_size: Sequence[int],
         instruction: Instruction,
+        roster: Roster | None = None,
         min_sites: int = 2,
         max_update_norm: float | None = None,
+        outlier_factor: float | None = None,
+        rule: str = "mean",
         wire_dtype: str = "float32",
         round_offset: int = 0,
         evaluate: bool = True,
@@ -200,15 +224,18 @@ class PemmaStrategy(FedAvg):
         self.groups = dict(groups)
         self.roi_size = tuple(roi_size)
         self.instruction = instruction
+        self.roster = roster
         self.min_sites = min_sites
         self.max_update_norm = max_update_norm
+        self.outlier_factor = outlier_factor
+        self.rule = rule
         self.wire_dtype = protocol.check_wire_dtype(wire_dtype)
         self.round_offset = round_offset
         self.on_round_end = on_round_end
         self.on_round_start = on_round_start
         self.federated_evaluation = evaluate
         self.rounds: list[RoundRecord] = []
-        self.node_names: dict[int, str] = {}
+        self.failed: dict[int, str] = {}  # node -> one-line cause: sent nothing more in this phase
         self._current: RoundRecord | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -220,17 +247,46 @@ class PemmaStrategy(FedAvg):
             config[key] = value
         return config
 
-    def _name(self, node: int, reply: Reply | None = None) -> str:
-        """The site's name: as the reply gives it, else as known, else ``node-<id>``."""
-        if reply is not None and reply.site:
-            self.node_names[node] = reply.site
-        return self.node_names.get(node, f"node-{node}")
+    def _name(self, node: int) -> str:
+        """The site's label (as it joined; with its node id when another node claims the same name)."""
+        return self.roster.label(node) if self.roster is not None else f"node-{node}"
+
+    def _may_work(self, node: int) -> bool:
+        """True for a node that joined and has not failed in this phase."""
+        return node not in self.failed and (self.roster is None or node in self.roster.members)
+
+    def _declared_modes(self, node: int) -> set[str] | None:
+        if self.roster is None:
+            return None
+        declared = self.roster.members[node].declared if node in self.roster.members else {}
+        return set(servable_modes(k for k in ("ct", "pet") if declared.get(k, 0) > 0))
+
+    def _addressed(self, messages: Iterable[Message], message_type: str, record: RoundRecord) -> list[Message]:
+        """The messages to sites that may work, typed ``message_type``, each site entered in ``record``."""
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if not self._may_work(node):
+                continue
+            record.site(node, self._name(node))
+            if msg.metadata.message_type != message_type:  # FedAvg builds "train" messages; other phases have their own
+                msg = Message(content=msg.content, dst_node_id=node, message_type=message_type)
+            out.append(msg)
+        return out
+
+    def _fail(self, record: RoundRecord, report: SiteReport, node: int, reason: str, what: str) -> None:
+        cause = one_line_cause(reason)
+        self.failed[node] = cause
+        report.status, report.reason = "failed", f"{what}: {cause}" if what else cause
+        log.warning("round %d: site %s failed and is sent nothing more in %s: %s", record.round, report.name, self.phase,
+                    report.reason)
 
     def summary(self) -> None:
         super().summary()
         log.info(
-            "pemma %s: %d tensors, min-sites %d, max-update-norm %s, wire %s",
-            self.phase, len(self.global_state), self.min_sites, self.max_update_norm, self.wire_dtype,
+            "pemma %s: %d tensors, min-sites %d, rule %s, outlier-factor %s, max-update-norm %s, wire %s",
+            self.phase, len(self.global_state), self.min_sites, self.rule, self.outlier_factor, self.max_update_norm,
+            self.wire_dtype,
         )
 
     # ------------------------------------------------------------------ train
@@ -243,30 +299,28 @@ class PemmaStrategy(FedAvg):
         if self.on_round_start is not None:
             self.on_round_start(grid)
         wire_arrays = state_to_record(self.global_state, self.wire_dtype)
-        messages = list(super().configure_train(server_round, wire_arrays, self._config(server_round, config), grid))
+        messages = super().configure_train(server_round, wire_arrays, self._config(server_round, config), grid)
+        out = self._addressed(messages, protocol.TRAIN[self.phase].name, record)
         down = records.record_bytes(wire_arrays)
-        out = []
-        message_type = protocol.TRAIN[self.phase].name
-        for msg in messages:  # FedAvg builds "train" messages; other phases have their own handler
-            node = msg.metadata.dst_node_id
-            record.site(node, self._name(node)).bytes_down = down
-            if msg.metadata.message_type != message_type:
-                msg = Message(content=msg.content, dst_node_id=node, message_type=message_type)
-            out.append(msg)
+        for msg in out:
+            record.sites[msg.metadata.dst_node_id].bytes_down = down
         log.info("round %d (%s): sent %d bytes of tensors to %d sites", record.round, self.phase, down, len(out))
         return out
 
     def check_reply(self, msg: Message) -> tuple[SiteUpdate | None, list[str]]:
         """(update, reasons to reject) for one train reply without error, by what the
-        protocol and this run allow: records, tensors, metric names and config entries of
-        the phase's reply, the backbone fingerprint, the wire dtype. The update's own
-        content (shapes, finite values, counts, norm) is :func:`aggregate_round`'s check."""
+        protocol and this run allow: records, tensors, metric names, values and config entries
+        of the phase's reply, the name the node joined under, the backbone fingerprint, the
+        wire dtype. The update's own content (shapes, finite values, counts against what the
+        site declared, outliers) is :func:`aggregate_round`'s check."""
+        node = msg.metadata.src_node_id
+        name = self._name(node)
         reply, malformed = records.read_reply(msg)
-        name = self._name(msg.metadata.src_node_id, reply)
         if malformed:
             return None, [f"site {name!r}: {p}" for p in malformed]
         kind = protocol.TRAIN[self.phase]
         reasons = [f"site {name!r}: {p}" for p in protocol.reply_problems(kind, reply, self.global_state, self.roi_size)]
+        reasons += self._identity_problems(node, reply)
         fingerprint = self.instruction.fingerprint
         if self.phase != "pretrain-ct" and fingerprint and reply.meta.get(protocol.FINGERPRINT) != fingerprint:
             claimed = str(reply.meta.get(protocol.FINGERPRINT))
@@ -274,7 +328,18 @@ class PemmaStrategy(FedAvg):
         for key, array in reply.arrays.items():
             if np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(self.wire_dtype):
                 reasons.append(f"site {name!r}: tensor {key!r} is {array.dtype} on the wire, expected {self.wire_dtype}")
-        return SiteUpdate(site=name, tensors=reply.arrays, examples=protocol.examples_of(reply.metrics)), reasons
+        if reasons:
+            return None, reasons
+        return SiteUpdate(site=name, tensors=reply.arrays, examples=protocol.examples_of(reply.metrics)), []
+
+    def _identity_problems(self, node: int, reply: Reply) -> list[str]:
+        if self.roster is None or node not in self.roster.members:
+            return []
+        joined = self.roster.members[node].name
+        if reply.meta.get(protocol.SITE) != joined:
+            return [f"site {self._name(node)!r}: the reply speaks for {str(reply.meta.get(protocol.SITE))[:80]!r}, "
+                    f"this node joined as {joined!r}"]
+        return []
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -282,49 +347,58 @@ class PemmaStrategy(FedAvg):
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         record.train_wall_seconds = time.perf_counter() - record.started
         start = time.perf_counter()
-        candidates: list[tuple[SiteUpdate, SiteReport, Mapping[str, Any]]] = []  # in reply order
+        candidates: list[tuple[SiteUpdate, SiteReport, Mapping[str, Any], int]] = []  # in reply order
         replied: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if node in replied or node not in record.sites:  # a second reply, or from a node not asked
+                continue
             replied.add(node)
-            reply = None if msg.has_error() else records.read_reply(msg)[0]
-            name = self._name(node, reply)
-            report = record.site(node, name)
-            if reply is None:
-                report.status, report.reason = "failed", msg.error.reason
-                log.warning("round %d: site %s failed and is left out: %s", record.round, name, msg.error.reason)
+            report = record.site(node, self._name(node))
+            if msg.has_error():
+                self._fail(record, report, node, msg.error.reason, "")
                 continue
             report.bytes_up = records.reply_bytes(msg)
-            report.train_seconds = float(reply.metrics.get("train-seconds", 0.0))
-            report.setup_seconds = float(reply.metrics.get("setup-seconds", 0.0))
             update, reasons = self.check_reply(msg)
             if reasons or update is None:
                 self._reject(record, report, reasons)
                 continue
-            candidates.append((update, report, reply.metrics))
+            metrics = records.read_reply(msg)[0].metrics  # checked: every value a number in its range
+            report.train_seconds = float(metrics.get("train-seconds", 0.0))
+            report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
+            candidates.append((update, report, metrics, node))
         for node, report in record.sites.items():
-            if node not in replied:  # timed out or disconnected: Flower returned no reply
+            if node not in replied and report.status == "ok":  # timed out or disconnected: Flower returned no reply
                 report.status, report.reason = "failed", "no reply (timed out or disconnected)"
                 log.warning("round %d: no reply from %s, left out", record.round, report.name)
         # Sorted by site name so that a run is reproducible whatever order the replies came in.
-        updates = sorted((u for u, _, _ in candidates), key=lambda u: u.site)
-        outcome = aggregate_round(self.global_state, updates, self.groups, self.max_update_norm, min_sites=self.min_sites)
+        candidates.sort(key=lambda item: item[0].site)
+        updates = [u for u, _, _, _ in candidates]
+        allowances = ({u.site: self.roster.allowance(node, self.phase, self.instruction) for u, _, _, node in candidates}
+                      if self.roster is not None else None)
+        outcome = aggregate_round(self.global_state, updates, self.groups, self.max_update_norm, min_sites=self.min_sites,
+                                  clip=True, allowances=allowances, outlier_factor=self.outlier_factor, rule=self.rule)
         accepted = {id(update) for update in outcome.accepted}
         rejections = iter(outcome.rejected)  # in the order of `updates`, like the accepted ones
         rejected = {id(u): list(next(rejections).reasons) for u in updates if id(u) not in accepted}
+        clips = {clip.site: clip for clip in outcome.clipped}
         losses: list[tuple[float, int]] = []
         c_indices: list[tuple[float, int]] = []
-        for update, report, metrics in candidates:
+        for update, report, metrics, _ in candidates:
+            report.rms = dict(outcome.rms.get(update.site, {}))
             if id(update) not in accepted:
                 self._reject(record, report, rejected[id(update)])
                 continue
             report.examples = dict(update.examples)
+            if update.site in clips:
+                report.status, report.clip_factor, report.reason = "clipped", clips[update.site].factor, clips[update.site].reason
             if "loss" in metrics:
                 report.loss = float(metrics["loss"])
-                losses.append((report.loss, int(metrics.get("num-examples", 1))))
+                losses.append((report.loss, max(1, int(metrics.get("num-examples", 1)))))
             if "c-index" in metrics:
                 report.c_index = float(metrics["c-index"])
-                c_indices.append((report.c_index, int(metrics.get("cases-survival", 1))))
+                c_indices.append((report.c_index, max(1, int(metrics.get("cases-survival", 1)))))
+        record.reference_rms = outcome.reference_rms
         sent = list(record.sites.values())
         if not outcome.aggregated:
             record.note = (
@@ -336,6 +410,7 @@ class PemmaStrategy(FedAvg):
             return None, None
         self.global_state = outcome.state
         record.aggregated = True
+        record.contributors = {g: list(names) for g, names in outcome.contributors.items()}
         total = sum(n for _, n in losses) or 1
         record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
         if c_indices:  # case-weighted mean of the sites' held-out C-indices
@@ -358,25 +433,47 @@ class PemmaStrategy(FedAvg):
     ) -> Iterable[Message]:
         if not self.federated_evaluation:
             return []
+        record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         wire_arrays = state_to_record(self.global_state, self.wire_dtype)
-        return super().configure_evaluate(server_round, wire_arrays, self._config(server_round, config), grid)
+        messages = super().configure_evaluate(server_round, wire_arrays, self._config(server_round, config), grid)
+        return self._addressed(messages, protocol.EVALUATE.name, record)
+
+    def evaluation_problems(self, node: int, reply: Reply) -> list[str]:
+        """Why an evaluate reply cannot be used: the protocol's checks, the node's name, and
+        Dice only for modes its declared modalities serve, each with its case count."""
+        problems = protocol.reply_problems(protocol.EVALUATE, reply, (), self.roi_size) + self._identity_problems(node, reply)
+        modes = self._declared_modes(node)
+        for key in reply.metrics:
+            if not str(key).startswith("dice-"):
+                continue
+            mode = str(key).removeprefix("dice-")
+            if modes is not None and mode not in modes:
+                problems.append(f"Dice for mode {mode!r}, which this site's declared modalities do not serve")
+            cases = reply.metrics.get(f"cases-{mode}")
+            if not isinstance(cases, (int, np.integer)) or isinstance(cases, bool) or cases < 1:
+                problems.append(f"Dice for mode {mode!r} without a positive case count")
+        return problems
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         per_mode: dict[str, list[tuple[float, int]]] = {}
+        seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            reply, malformed = (None, []) if msg.has_error() else records.read_reply(msg)
-            name = self._name(node, reply)
-            report = record.site(node, name)
-            if reply is None:
-                log.warning("round %d: evaluation at %s failed: %s", record.round, name, msg.error.reason)
-                if report.status == "ok":
-                    report.reason = f"evaluation failed: {msg.error.reason}"
+            if node in seen or not self._may_work(node):
                 continue
-            problems = malformed + protocol.reply_problems(protocol.EVALUATE, reply, (), self.roi_size)
+            seen.add(node)
+            report = record.site(node, self._name(node))
+            if msg.has_error():
+                self._fail(record, report, node, msg.error.reason, "evaluation failed")
+                continue
+            reply, malformed = records.read_reply(msg)
+            problems = malformed + self.evaluation_problems(node, reply)
             if problems:
-                log.warning("round %d: evaluation reply from %s ignored: %s", record.round, name, "; ".join(problems))
+                log.warning("round %d: evaluation reply from %s rejected: %s", record.round, report.name, "; ".join(problems))
+                if report.status in ("ok", "clipped"):
+                    report.status = "rejected"
+                    report.reason = "; ".join(filter(None, [report.reason, "evaluation reply: " + "; ".join(problems)]))
                 continue
             for mode, (dice, cases) in protocol.dice_of(reply.metrics).items():
                 report.dice[mode] = dice

@@ -7,11 +7,16 @@ ServerApp and ClientApp that ``flwr run .`` and a deployment use, prints one lin
 round on stdout (``-q`` silences them, ``-v`` adds Flower's own log lines), and leaves the
 run folder described in :mod:`server.run_dir` (adapters per round, backbone,
 ``metrics.json``, ``report.md`` with a Dice plot and a prediction overlay).
+
+``--adversary SITE=KIND`` makes a simulated site misbehave (:mod:`simulation.adversary`),
+to see what the server's checks make of it. Ctrl-C or SIGTERM ends the run at once;
+``--resume RUN_DIR`` continues it from its last finished round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -19,7 +24,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last finished round (its settings, plus options given here)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip: " + RunSettings.help("evaluate"))
+    from simulation.adversary import ADVERSARY_KINDS
+
+    kinds = "; ".join(f"{kind}: {what}" for kind, what in ADVERSARY_KINDS.items())
+    parser.add_argument("--adversary", action="append", metavar="SITE=KIND",
+                        help=f"make simulated site SITE misbehave (repeatable, one kind per site). KIND is one of: {kinds}")
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -58,8 +68,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         saved = run.read_json(run.run_json, None)
         if saved is None:
             raise FileNotFoundError(f"cannot resume: {run.run_json} does not exist")
-        saved.pop("model_spec", None)
-        values.update(saved)
+        # run.json also holds what the run was set up with (model spec, the sites that joined): settings only
+        values.update({key: value for key, value in saved.items() if key in RunSettings.model_fields})
         values["run_dir"] = str(run.path)
         values["resume"] = True
     else:
@@ -107,10 +117,11 @@ def print_round(record: Any) -> None:
 
 
 def _stop_on_interrupt(run_dir: str | Path) -> Callable[[int, Any], None]:
-    """A SIGINT handler that ends the process now. Flower runs the ServerApp in a non-daemon
-    thread and, on Ctrl-C, waits for it to finish the whole run; every file of the run
-    folder is replaced atomically after each round, so stopping mid-round loses only that
-    round, and ``--resume`` continues from the last finished one."""
+    """A SIGINT / SIGTERM handler that ends the process now (status 128 + signal). Flower
+    runs the ServerApp in a non-daemon thread and, on Ctrl-C, waits for it to finish the
+    whole run; every file of the run folder is replaced atomically after each round, so
+    stopping mid-round loses only that round, and ``--resume`` continues from the last
+    finished one."""
 
     def handler(signum: int, frame: Any) -> None:
         print(f"\npemma simulate: interrupted; finished rounds are in {run_dir} "
@@ -126,8 +137,73 @@ def _stop_on_interrupt(run_dir: str | Path) -> Callable[[int, Any], None]:
     return handler
 
 
-def simulate(settings: Any, verbose: bool = False) -> Path:
-    """Run ``settings`` on Flower's simulation engine; returns the run folder."""
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and `kill` / a job scheduler's stop
+
+
+@contextlib.contextmanager
+def _interrupts_stop(run_dir: str | Path) -> Iterator[None]:
+    """Within: SIGINT and SIGTERM end the process with the ``--resume`` hint; after: the
+    previous handlers (signal handlers can be set from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop_on_interrupt(run_dir)) for signum in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _start_ray(cpus: int, verbose: bool) -> None:
+    """Start Ray as Flower's Ray backend would (it starts Ray only when it is not running).
+
+    Started here so that :func:`_interrupts_stop` comes after it: ``ray.init`` replaces the
+    SIGTERM handler, in Python (``sys.exit``, which leaves Flower's ServerApp thread running
+    the whole run) and in C++ (an abort, status 134, no hint).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Flower's backend does the same: the workers import the apps from this process's path.
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(num_cpus=cpus, logging_level="ERROR", log_to_driver=verbose, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+
+
+def site_names(sites: list[Path]) -> list[str]:
+    """The ``name`` of each site YAML."""
+    from pemma_core.config.site import load_site_config
+
+    return [load_site_config(path).name for path in sites]
+
+
+def _recording(run_dir: str | Path, adversaries: Mapping[str, str], progress: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``progress`` that first records the adversaries in the run info, once the server has
+    written its first round (a fresh run folder must hold no metrics before the server starts),
+    so an interrupted run keeps them too."""
+    from server.run_dir import RunDir
+
+    recorded = not adversaries
+
+    def record_then_progress(record: Any) -> None:
+        nonlocal recorded
+        if not recorded:
+            RunDir(run_dir).update_run_info(adversaries=dict(adversaries))
+            recorded = True
+        progress(record)
+
+    return record_then_progress
+
+
+def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str] | None = None) -> Path:
+    """Run ``settings`` on Flower's simulation engine; returns the run folder.
+
+    ``adversaries`` (site name -> kind of :data:`simulation.adversary.ADVERSARY_KINDS`)
+    make those sites misbehave; they are recorded in the run info (``adversaries``).
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -135,6 +211,7 @@ def simulate(settings: Any, verbose: bool = False) -> Path:
     from server.report import write_report
     from server.run_dir import RunDir
     from server.server_app import make_server_app
+    from simulation.adversary import ADVERSARY_KINDS, adversary_mod, check_adversary_sites
     from simulation.predict import write_overlay
 
     _quiet_flower(verbose)
@@ -144,32 +221,35 @@ def simulate(settings: Any, verbose: bool = False) -> Path:
         settings.resolved_federation_dir(), settings.phantom_sites, settings.phantom_cases, settings.seed
     )
     settings.site_configs = ",".join(str(p) for p in sites)
+    adversaries = dict(adversaries or {})
+    mods = []
+    if adversaries:
+        check_adversary_sites(adversaries, site_names(sites))
+        mods.append(adversary_mod(adversaries))
     overrides = settings.to_run_config()
     cpus = max(1, os.cpu_count() or 1)
     started = time.perf_counter()
     console.say(f"pemma simulate: {len(sites)} sites, {settings.backbone}/{settings.preset} + {settings.adapter}, "
                 f"{settings.pretrain_rounds} pretrain-ct + {settings.rounds} adapt + {settings.prognosis_rounds} "
                 f"prognosis rounds -> {settings.run_dir}", file=sys.stdout)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
-    previous = signal.signal(signal.SIGINT, _stop_on_interrupt(settings.run_dir)) if in_main_thread else None
-    try:
+    for site, kind in adversaries.items():
+        console.say(f"pemma simulate: adversary {site} misbehaves: {kind} ({ADVERSARY_KINDS[kind]})", file=sys.stdout)
+    _start_ray(cpus, verbose)
+    with _interrupts_stop(settings.run_dir):
         run_simulation(
-            server_app=make_server_app(overrides, progress=print_round),
-            client_app=make_client_app(overrides),
+            server_app=make_server_app(overrides, progress=_recording(settings.run_dir, adversaries, print_round)),
+            client_app=make_client_app(overrides, mods=mods),
             num_supernodes=len(sites),
-            # One site at a time, each with every core: no oversubscription, reproducible timing.
-            backend_config={
-                "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": verbose},
-            },
+            # One site at a time, each with every core: no oversubscription, reproducible timing
+            # (Ray itself, with `cpus` cores, was started by _start_ray).
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
             verbose_logging=verbose,
         )
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
     run = RunDir(settings.run_dir)
     if not run.metrics()["rounds"]:
         raise RuntimeError(f"the simulation ended without finishing a round; see the log above (run folder {run.path})")
+    if adversaries:
+        run.update_run_info(adversaries=adversaries)
     overlay = None
     try:
         overlay = write_overlay(run, sites)
@@ -185,8 +265,17 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)  # a missing site YAML or run folder: FileNotFoundError, status 1
     except ValueError as exc:  # settings out of range or inconsistent
         raise console.UsageError(str(exc)) from exc
+    from simulation.adversary import AdversarySiteError, parse_adversaries
+
+    try:
+        adversaries = parse_adversaries(args.adversary)
+    except ValueError as exc:
+        raise console.UsageError(str(exc)) from exc
     started = time.perf_counter()
-    path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE)
+    try:
+        path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries)
+    except AdversarySiteError as exc:
+        raise console.UsageError(str(exc)) from exc
     from server.report import overhead_share
     from server.run_dir import RunDir, phase_rounds
 

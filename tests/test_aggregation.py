@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from pemma_core.aggregation import (
+    RULES,
+    Allowance,
     RejectedUpdateError,
     Rejection,
     SiteUpdate,
     aggregate_adapters,
     aggregate_round,
+    clip_update,
+    delta_rms,
     one_group,
     validate_update,
 )
@@ -196,3 +202,269 @@ def test_round_with_too_few_accepted_updates_keeps_the_global_state():
         assert outcome.state[name] is not state[name]
     with pytest.raises(ValueError, match="min_sites"):
         aggregate_round(state, [], GROUPS, min_sites=-1)
+
+
+# --------------------------------------------------------------------------- allowances
+
+
+def test_tensor_or_count_of_a_group_the_site_may_not_send_is_rejected():
+    state = global_state()
+    allow = {"A": Allowance(groups=frozenset({"shared"}))}
+    pet = SiteUpdate("A", {"pet.embed": np.zeros(4, np.float32)}, {"pet": 2})
+    outcome = aggregate_round(state, [pet], GROUPS, allowances=allow)
+    (rejection,) = outcome.rejected
+    assert any("'A'" in r and "'pet.embed'" in r and "'pet'" in r and "may not send" in r for r in rejection.reasons)
+    count_only = SiteUpdate("A", {"lora.a": np.zeros((2, 3), np.float32)}, {"shared": 1, "pet": 3})
+    reasons = validate_update(count_only, state, GROUPS, allowance=allow["A"])
+    assert reasons == ["site 'A': reports 3 examples for group 'pet', which it may not train"]
+    assert validate_update(SiteUpdate("A", count_only.tensors, {"shared": 1, "pet": 0}), state, GROUPS, allowance=allow["A"]) == []
+
+
+def test_count_above_max_examples_absurd_counts_and_unknown_sites_are_rejected():
+    state = global_state()
+    update = SiteUpdate("A", {"lora.a": np.zeros((2, 3), np.float32)}, {"shared": 10**12})
+    reasons = validate_update(update, state, GROUPS, allowance=Allowance(max_examples=20))
+    assert reasons == ["site 'A': count 1000000000000 for group 'shared' exceeds what the round allowed (20)"]
+    assert validate_update(SiteUpdate("A", update.tensors, {"shared": 20}), state, GROUPS, allowance=Allowance(max_examples=20)) == []
+    absurd = validate_update(SiteUpdate("A", update.tensors, {"shared": 2**60}), state, GROUPS)
+    assert len(absurd) == 1 and "absurd count" in absurd[0]
+    outcome = aggregate_round(state, [update], GROUPS, allowances={"B": Allowance()})
+    assert not outcome.accepted and "no allowance" in outcome.rejected[0].reasons[0]
+    with pytest.raises(ValueError, match="max_examples"):
+        Allowance(max_examples=-1)
+    with pytest.raises(TypeError, match="groups"):
+        Allowance(groups="shared")
+
+
+def test_weight_cap_bounds_the_weight_of_a_sites_count():
+    state = global_state()
+    big = SiteUpdate("A", {"lora.a": np.full((2, 3), 1.0, np.float32)}, {"shared": 100})  # declared 10 cases
+    small = SiteUpdate("B", {"lora.a": np.full((2, 3), 5.0, np.float32)}, {"shared": 30})
+    allow = {"A": Allowance(weight_cap={"shared": 10}), "B": Allowance(weight_cap={"pet": 1})}  # B: shared not capped
+    outcome = aggregate_round(state, [big, small], GROUPS, allowances=allow)
+    np.testing.assert_allclose(outcome.state["lora.a"], (10 * 1.0 + 30 * 5.0) / 40)
+    assert outcome.weights == {"A": {"shared": 10.0}, "B": {"shared": 30.0}}
+    assert outcome.accepted[0] is big and big.examples == {"shared": 100}  # inputs untouched
+    zero_cap = validate_update(big, state, GROUPS, allowance=Allowance(weight_cap={"shared": 0}))
+    assert len(zero_cap) == 1 and "declared no training cases" in zero_cap[0]
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def test_clipping_scales_the_float_delta_to_max_norm_and_leaves_integers_alone():
+    state = {"w": np.zeros(3, np.float64), "b": np.ones(1, np.float64), "steps": np.array([5], np.int64)}
+    update = SiteUpdate("A", {"w": np.array([3.0, 0.0, 0.0]), "b": np.array([5.0]), "steps": np.array([9])}, {"backbone": 1})
+    # float delta (3, 0, 0, 4): norm 5; the counter moved by 4 but is not a learned weight
+    outcome = aggregate_round(state, [update], one_group(state), 1.0, clip=True)
+    assert outcome.accepted == (update,) and not outcome.rejected
+    (clip,) = outcome.clipped
+    assert clip.site == "A" and clip.factor == pytest.approx(0.2)
+    assert "update norm 5 clipped to max-update-norm 1 (factor 0.2)" in clip.reason
+    delta = np.concatenate([outcome.state["w"] - state["w"], outcome.state["b"] - state["b"]])
+    assert np.linalg.norm(delta) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(delta, [0.6, 0, 0, 0.8])
+    assert outcome.state["steps"][0] == 9 and outcome.state["steps"].dtype == np.int64
+    clipped = clip_update(update, state, 0.5)
+    np.testing.assert_array_equal(clipped.tensors["steps"], [9])
+    np.testing.assert_allclose(clipped.tensors["b"], [3.0])
+    # within the bound: not clipped; without clip=True the bound still rejects (today's behaviour)
+    assert not aggregate_round(state, [update], one_group(state), 6.0, clip=True).clipped
+    assert "exceeds max_norm" in aggregate_round(state, [update], one_group(state), 1.0).rejected[0].reasons[0]
+
+
+# --------------------------------------------------------------------------- outlier bound
+
+
+def honest_updates(state, sites=("A", "B", "C"), seed=0, group_tensors=("lora.a",)):
+    rng = np.random.default_rng(seed)
+    return [
+        SiteUpdate(site, {n: (state[n] + 0.01 * rng.normal(size=state[n].shape)).astype(np.float32) for n in group_tensors},
+                   {GROUPS[n]: 4 for n in group_tensors})
+        for site in sites
+    ]
+
+
+def scaled(update: SiteUpdate, state, name: str, factor: float) -> SiteUpdate:
+    tensors = dict(update.tensors)
+    tensors[name] = (state[name] + factor * (tensors[name].astype(np.float64) - state[name])).astype(np.float32)
+    return SiteUpdate(update.site, tensors, update.examples)
+
+
+def test_a_million_times_larger_update_is_rejected_and_the_honest_mean_kept():
+    state = global_state()
+    honest = honest_updates(state)
+    attacker = scaled(honest_updates(state, sites=("X",), seed=1)[0], state, "lora.a", 1e6)
+    outcome = aggregate_round(state, [attacker, *honest], GROUPS, outlier_factor=5)
+    assert [r.site for r in outcome.rejected] == ["X"]
+    (reason,) = outcome.rejected[0].reasons
+    assert "'X'" in reason and "'shared'" in reason and "5 x" in reason and f"{outcome.reference_rms:.3g}" in reason
+    np.testing.assert_allclose(outcome.state["lora.a"], np.mean([u.tensors["lora.a"] for u in honest], axis=0), rtol=1e-6)
+    assert outcome.contributors == {"shared": ("A", "B", "C")}
+    # without the bound the attacker dominates the mean
+    assert np.abs(aggregate_round(state, [attacker, *honest], GROUPS).state["lora.a"]).max() > 100
+
+
+def test_a_group_with_two_senders_is_caught_by_the_pooled_reference():
+    state = global_state()
+    shared_only = honest_updates(state, sites=("A", "B"))
+    with_pet = honest_updates(state, sites=("C", "D"), seed=2, group_tensors=("lora.a", "pet.embed"))
+    with_pet[1] = scaled(with_pet[1], state, "pet.embed", 1e6)
+    outcome = aggregate_round(state, [*shared_only, *with_pet], GROUPS, outlier_factor=5)
+    assert [r.site for r in outcome.rejected] == ["D"] and "'pet'" in outcome.rejected[0].reasons[0]
+    np.testing.assert_array_equal(outcome.state["pet.embed"], with_pet[0].tensors["pet.embed"])
+    # the two pet senders alone could not tell the outlier apart: it is below 5x their median
+    pet_rms = [outcome.rms[s]["pet"] for s in ("C", "D")]
+    assert max(pet_rms) < 5 * np.median(pet_rms)
+
+
+def test_honest_sites_three_times_apart_are_kept():
+    state = global_state()
+    updates = [scaled(u, state, "lora.a", f) for u, f in zip(honest_updates(state), (1.0, 1.0, 3.0))]
+    outcome = aggregate_round(state, updates, GROUPS, outlier_factor=5)
+    assert not outcome.rejected and len(outcome.accepted) == 3
+    ratio = outcome.rms["C"]["shared"] / outcome.reference_rms
+    assert 2 < ratio < 5  # the largest really is about 3x the reference
+
+
+def test_values_near_float32_max_are_rejected_without_overflow():
+    state = global_state()
+    huge = SiteUpdate("X", {"lora.a": np.full((2, 3), 3e38, np.float32)}, {"shared": 4})
+    outcome = aggregate_round(state, [huge, *honest_updates(state)], GROUPS, 1.0, clip=True, outlier_factor=5)
+    assert [r.site for r in outcome.rejected] == ["X"]
+    assert all(np.all(np.isfinite(v)) for v in outcome.state.values())
+    assert math.isfinite(outcome.rms["X"]["shared"])
+    # float64 entries whose squares overflow: the norm is still computed and reported
+    far = {"w": np.zeros(2)}
+    reasons = validate_update(SiteUpdate("A", {"w": np.array([1e200, 1e200])}, {"backbone": 1}), far, one_group(far), 1.0)
+    assert len(reasons) == 1 and "update norm 1.414e+200 exceeds" in reasons[0]
+
+
+def test_reference_zero_rejects_nobody():
+    state = global_state()
+    same = [SiteUpdate(s, {"lora.a": state["lora.a"].copy()}, {"shared": 1}) for s in "ABC"]
+    mover = SiteUpdate("D", {"lora.a": state["lora.a"] + 1.0}, {"shared": 1})
+    outcome = aggregate_round(state, [*same, mover], GROUPS, outlier_factor=5)
+    assert outcome.reference_rms == 0.0 and not outcome.rejected and len(outcome.accepted) == 4
+    assert aggregate_round(state, same, GROUPS).reference_rms is None  # the rule was not applied
+
+
+def test_rejections_keep_the_order_of_the_updates_whatever_rule_rejected_them():
+    state = global_state()
+    honest = honest_updates(state, sites=("A", "B", "C", "D"))
+    invalid = SiteUpdate("N", {"lora.a": np.full((2, 3), np.nan, np.float32)}, {"shared": 1})
+    outlier = scaled(honest[0], state, "lora.a", 1e6)
+    outlier = SiteUpdate("O", outlier.tensors, outlier.examples)
+    outcome = aggregate_round(state, [outlier, honest[1], invalid, honest[2], honest[3]], GROUPS, outlier_factor=5)
+    assert [r.site for r in outcome.rejected] == ["O", "N"]
+    assert [u.site for u in outcome.accepted] == ["B", "C", "D"] and outcome.accepted[0] is honest[1]
+
+
+# --------------------------------------------------------------------------- robust rules
+
+
+def round_of(values, rule, counts=None):
+    state = {"w": np.zeros(2, np.float64), "n": np.zeros(2, np.int64)}
+    counts = counts or [1] * len(values)
+    updates = [
+        SiteUpdate(f"s{i}", {"w": np.array([v, -v], float), "n": np.array([v, v], np.int64)}, {"backbone": c})
+        for i, (v, c) in enumerate(zip(values, counts))
+    ]
+    return aggregate_round(state, updates, one_group(state), rule=rule)
+
+
+def test_median_and_trimmed_mean_exact_values():
+    assert round_of([1, 2, 100], "median").state["w"].tolist() == [2, -2]
+    assert round_of([1, 2, 7, 100], "median").state["w"].tolist() == [4.5, -4.5]
+    assert round_of([1, 2, 7, 100], "median").state["n"].tolist() == [4, 4]  # rint(4.5), half to even
+    assert round_of([1, 2, 100], "trimmed-mean").state["w"].tolist() == [2, -2]  # k = 1
+    assert round_of([1, 2, 3, 4, 100], "trimmed-mean").state["w"].tolist() == [3, -3]  # k = 1
+    assert round_of(list(range(1, 10)) + [1000], "trimmed-mean").state["w"].tolist() == [5.5, -5.5]  # k = 2: mean of 3..8
+    # unweighted: counts 1 and 99 give the plain mean, the mean rule follows the counts
+    assert round_of([0, 10], "trimmed-mean", counts=[1, 99]).state["w"].tolist() == [5, -5]
+    assert round_of([0, 10], "mean", counts=[1, 99]).state["w"].tolist() == [9.9, -9.9]
+    assert round_of([0, 10], "median", counts=[1, 99]).weights == {"s0": {"backbone": 1.0}, "s1": {"backbone": 1.0}}
+
+
+def test_median_ignores_one_huge_outlier_among_three():
+    state = global_state()
+    honest = honest_updates(state, sites=("A", "B"))
+    attacker = SiteUpdate("X", {"lora.a": np.full((2, 3), 1e30, np.float32)}, {"shared": 1000})
+    outcome = aggregate_round(state, [*honest, attacker], GROUPS, rule="median")
+    low, high = np.minimum(*(u.tensors["lora.a"] for u in honest)), np.maximum(*(u.tensors["lora.a"] for u in honest))
+    assert np.all(outcome.state["lora.a"] == high) and np.all(low <= outcome.state["lora.a"])
+
+
+def test_rule_per_group_and_unknown_rule():
+    state = global_state()
+    updates = [
+        SiteUpdate(s, {"lora.a": np.full((2, 3), v, np.float32), "pet.embed": np.full(4, v, np.float32)}, {"shared": c, "pet": c})
+        for s, v, c in (("A", 0.0, 1), ("B", 1.0, 1), ("C", 8.0, 2))
+    ]
+    outcome = aggregate_round(state, updates, GROUPS, rule={"pet": "median"})
+    np.testing.assert_allclose(outcome.state["pet.embed"], 1.0)
+    np.testing.assert_allclose(outcome.state["lora.a"], (0 + 1 + 16) / 4)
+    assert outcome.weights["C"] == {"shared": 2.0, "pet": 1.0}
+    for bad in ("krum", {"pet": "krum"}):
+        with pytest.raises(ValueError, match="unknown aggregation rule 'krum'; valid rules: mean, median, trimmed-mean"):
+            aggregate_round(state, updates, GROUPS, rule=bad)
+    assert RULES == ("mean", "median", "trimmed-mean")
+
+
+# --------------------------------------------------------------------------- reported fields
+
+
+def test_delta_rms_contributors_and_weights():
+    state = {"a": np.zeros(4, np.float32), "b": np.zeros(12, np.float32), "c": np.ones(2, np.float32), "k": np.zeros(1, np.int64)}
+    groups = {"a": "g", "b": "g", "c": "h", "k": "g"}
+    one = SiteUpdate("A", {"a": np.ones(4, np.float32), "b": np.zeros(12, np.float32), "k": np.array([7])}, {"g": 3})
+    two = SiteUpdate("B", {"c": np.full(2, 3.0, np.float32)}, {"h": 5})
+    assert delta_rms(one, state, groups) == pytest.approx({"g": 0.5})  # sqrt(4 / 16); the integer tensor left out
+    assert delta_rms(two, state, groups) == pytest.approx({"h": 2.0})
+    outcome = aggregate_round(state, [two, one], groups)
+    assert outcome.contributors == {"g": ("A",), "h": ("B",)}
+    assert outcome.weights == {"A": {"g": 3.0}, "B": {"h": 5.0}}
+    assert outcome.rms == {"A": pytest.approx({"g": 0.5}), "B": pytest.approx({"h": 2.0})}
+    not_enough = aggregate_round(state, [one], groups, min_sites=2)
+    assert not not_enough.aggregated and not_enough.contributors == {} and "A" in not_enough.rms
+
+
+def test_random_rounds_never_raise_and_stay_finite():
+    names = {"lora.a": ((2, 3), np.float32), "pet.embed": ((4,), np.float32), "fusion.proj": ((2, 2), np.float16),
+             "head.w": ((2,), np.float32), "steps": ((1,), np.int64)}
+    groups = {**GROUPS, "steps": "prognosis"}
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        state = {n: (rng.normal(size=shape) * 10.0 ** rng.integers(-3, 4)).astype(dtype) for n, (shape, dtype) in names.items()}
+        updates, allowances = [], {}
+        for i in range(int(rng.integers(0, 7))):
+            site = f"s{i}"
+            sent = [n for n in names if rng.random() < 0.6]
+            scale = 10.0 ** rng.choice([-6, -2, -2, -2, 0, 3, 30, 38])
+            tensors = {}
+            for n in sent:
+                if state[n].dtype == np.int64:
+                    tensors[n] = state[n] + rng.integers(0, 100, size=state[n].shape)
+                    continue
+                value = state[n].astype(np.float64) + scale * rng.normal(size=state[n].shape)
+                if rng.random() < 0.05:
+                    value.flat[0] = np.nan
+                with np.errstate(over="ignore"):  # float16 of 1e30 is inf: validation must reject it
+                    tensors[n] = value.astype(state[n].dtype)
+            counts = {g: int(rng.choice([0, 1, 5, 40, 10**12], p=[0.03, 0.4, 0.3, 0.24, 0.03])) for g in {groups[n] for n in sent}}
+            updates.append(SiteUpdate(site, tensors, counts))
+            if rng.random() < 0.9:
+                allowed = frozenset(g for g in set(groups.values()) if rng.random() < 0.97)
+                caps = {g: int(rng.integers(0, 30)) for g in allowed if rng.random() < 0.5}
+                allowances[site] = Allowance(allowed, int(rng.choice([50, 10**13])), caps)
+        outcome = aggregate_round(
+            state, updates, groups, float(rng.choice([0.0, 0.1, 10.0, 1e40])), min_sites=int(rng.integers(0, 3)),
+            clip=bool(rng.random() < 0.8), allowances=allowances, outlier_factor=float(rng.choice([1.5, 5.0])),
+            rule=str(rng.choice(RULES)),
+        )
+        assert len(outcome.accepted) + len(outcome.rejected) == len(updates), seed
+        assert set(outcome.state) == set(state)
+        for name, value in outcome.state.items():
+            assert value.dtype == state[name].dtype and np.all(np.isfinite(value)), (seed, name)
+        for sites in outcome.contributors.values():
+            assert set(sites) <= {u.site for u in outcome.accepted}

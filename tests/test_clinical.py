@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import random
 import warnings
 
 import numpy as np
@@ -10,12 +13,16 @@ import pandas as pd
 import pytest
 
 from pemma_core.data.clinical import (
+    MAX_ABS_COVARIATE,
+    MAX_EHR_CATEGORIES,
     METADATA_KEY,
     CategoricalColumn,
     ClinicalDataError,
     EhrPreprocessor,
     NumericColumn,
     partial_stats,
+    partial_stats_problems,
+    present_counts,
     read_clinical,
 )
 
@@ -254,7 +261,7 @@ def test_a_category_seen_at_one_site_only_is_in_the_merged_encoding():
 def test_sites_with_different_specs_are_refused():
     site_a = partial_stats(training_table(), SPEC)
     site_b = partial_stats(training_table(), {"stage": "categorical", "age": "numeric"})
-    with pytest.raises(ClinicalDataError, match="site 1 has covariate spec"):
+    with pytest.raises(ClinicalDataError, match=r"site 1: spec \[\['stage', 'categorical'\].* differs"):
         EhrPreprocessor.from_partial_stats([site_a, site_b])
     with pytest.raises(ValueError, match="at least one site"):
         EhrPreprocessor.from_partial_stats([])
@@ -270,3 +277,271 @@ def test_metadata_round_trip_is_string_only_and_exact():
     np.testing.assert_array_equal(restored.transform(training_table()), preprocessor.transform(training_table()))
     with pytest.raises(KeyError, match=METADATA_KEY):
         EhrPreprocessor.from_metadata({"format": "pt"})
+
+
+# --------------------------------------------------------------------------- checking site statistics
+
+DELETE = object()
+
+
+def mutated(stats: dict, path: tuple, value) -> dict:
+    """A deep copy of ``stats`` with the entry at ``path`` replaced by ``value`` (or deleted)."""
+    out = copy.deepcopy(stats)
+    parent = out
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return out
+
+
+def valid_stats() -> dict:
+    return partial_stats(training_table(), SPEC)  # rows 6; age: 5 values, 1 missing; stage: I/II/III, 1 missing
+
+
+def assert_refused(stats, fragment: str) -> None:
+    problems = partial_stats_problems(stats)
+    assert any(fragment in p for p in problems), problems
+    with pytest.raises(ClinicalDataError, match="site 0: ") as error:
+        EhrPreprocessor.from_partial_stats([stats])
+    assert type(error.value) is ClinicalDataError and fragment in str(error.value)
+
+
+def test_statistics_from_partial_stats_have_no_problem():
+    stats = valid_stats()
+    assert partial_stats_problems(stats) == []
+    assert partial_stats_problems(json.loads(json.dumps(stats)), list(SPEC.items())) == []
+    assert partial_stats_problems(stats, expected_spec=SPEC) == []  # a mapping spec is accepted too
+    assert present_counts(stats) == {"age": 5, "stage": 5}
+
+
+def test_attacker_negative_centred_sum_of_squares_is_refused_not_a_math_error():
+    assert_refused(mutated(valid_stats(), ("columns", "age", "centred_sum_sq"), -5.0),
+                   "columns.age.centred_sum_sq is negative (-5)")
+
+
+def test_attacker_huge_sum_cannot_move_the_mean():
+    stats = mutated(valid_stats(), ("columns", "age", "sum"), 1e15)
+    assert_refused(stats, "columns.age.sum 1e+15 is beyond count * 1e+06")
+
+
+def test_attacker_thousand_categories_cannot_widen_the_ehr():
+    labels = sorted(f"c{i:04d}" for i in range(1000))
+    stats = mutated(mutated(valid_stats(), ("columns", "stage", "categories"), labels), ("rows",), 6)
+    assert_refused(stats, f"columns.stage has 1000 categories, more than {MAX_EHR_CATEGORIES}")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        ((), None, "statistics must be a mapping"),
+        ((), [1, 2], "statistics must be a mapping"),
+        (("rows",), DELETE, "statistics lacks rows"),
+        (("ids",), ["c1"], "statistics has unexpected key(s) ['ids']"),
+        (("spec",), [], "spec must be a non-empty list"),
+        (("spec",), "age", "spec must be a non-empty list"),
+        (("spec", 0), ["age"], "spec[0] must be a [name, kind] pair"),
+        (("spec", 0), ["age", "text"], "spec[0] kind of 'age' must be one of numeric, categorical"),
+        (("spec", 1), ["age", "categorical"], "spec[1] repeats covariate 'age'"),
+        (("spec", 0), ["a" * 65, "numeric"], "spec[0] name must be a string of 1 to 64 characters"),
+        (("spec", 0), [7, "numeric"], "spec[0] name must be a string"),
+        (("rows",), True, "rows must be an int"),
+        (("rows",), -1, "rows must be an int"),
+        (("rows",), "6", "rows must be an int"),
+        (("rows",), 10**400, "rows must be an int"),
+        (("rows",), 7, "columns.age: count + missing is 6, rows is 7"),
+        (("columns",), [], "columns must be a mapping"),
+        (("columns", "age"), DELETE, "columns lacks age"),
+        (("columns", "weight"), {"count": 1}, "columns has unexpected key(s) ['weight']"),
+        (("columns", "age"), 3.0, "columns.age must be a mapping"),
+        (("columns", "age", "sum"), DELETE, "columns.age lacks sum"),
+        (("columns", "age", "values"), [50.0], "columns.age has unexpected key(s) ['values']"),
+        (("columns", "age", "count"), 5.0, "columns.age.count must be an int"),
+        (("columns", "age", "count"), False, "columns.age.count must be an int"),
+        (("columns", "age", "missing"), -1, "columns.age.missing must be an int"),
+        (("columns", "age", "sum"), float("nan"), "columns.age.sum must be a finite number, got nan"),
+        (("columns", "age", "sum"), float("inf"), "columns.age.sum must be a finite number"),
+        (("columns", "age", "sum"), "325", "columns.age.sum must be a finite number"),
+        (("columns", "age", "sum"), 10**400, "columns.age.sum must be a finite number"),
+        (("columns", "age", "centred_sum_sq"), -float("inf"), "columns.age.centred_sum_sq must be a finite number"),
+        (("columns", "age", "centred_sum_sq"), [1.0], "columns.age.centred_sum_sq must be a finite number"),
+        (("columns", "age", "centred_sum_sq"), 5 * MAX_ABS_COVARIATE**2, "columns.age.centred_sum_sq 5e+12 is beyond"),
+        (("columns", "stage", "categories"), "I", "columns.stage.categories must be a list"),
+        (("columns", "stage", "categories"), ["I", "I"], "columns.stage.categories repeat a label"),
+        (("columns", "stage", "categories"), ["II", "I"], "columns.stage.categories are not sorted"),
+        (("columns", "stage", "categories"), ["I", None], "columns.stage.categories must be strings"),
+        (("columns", "stage", "categories"), ["I", "x" * 65], "columns.stage.categories must be strings"),
+        (("columns", "stage", "categories"), [], "columns.stage has 0 categories for 5 rows holding a value"),
+        (("columns", "stage", "categories"), list("ABCDEF"), "columns.stage has 6 categories for 5 rows"),
+        (("columns", "stage", "missing"), 7, "columns.stage.missing 7 is more than rows 6"),
+        (("columns", "stage", "missing"), None, "columns.stage.missing must be an int"),
+    ],
+)
+def test_each_malformed_field_is_named(path, value, fragment):
+    stats = value if path == () else mutated(valid_stats(), path, value)
+    assert_refused(stats, fragment)
+
+
+def test_counts_must_fit_their_spread():
+    one_value = {"count": 1, "sum": 60.0, "centred_sum_sq": 3.0, "missing": 5}
+    assert_refused(mutated(valid_stats(), ("columns", "age"), one_value), "must be 0 with count 1, got 3")
+    no_value = {"count": 0, "sum": 60.0, "centred_sum_sq": 0.0, "missing": 6}
+    assert_refused(mutated(valid_stats(), ("columns", "age"), no_value), "has count 0 but sum 60")
+    # a spread that values within +-1e6 could have (two values at -1e6 and +1e6) is accepted...
+    extreme = {"count": 2, "sum": 0.0, "centred_sum_sq": 2 * MAX_ABS_COVARIATE**2, "missing": 4}
+    assert partial_stats_problems(mutated(valid_stats(), ("columns", "age"), extreme)) == []
+    # ...but not with a sum that puts both values at one end
+    extreme["sum"] = 2 * MAX_ABS_COVARIATE
+    assert_refused(mutated(valid_stats(), ("columns", "age"), extreme), "columns.age.centred_sum_sq 2e+12 is beyond")
+
+
+def test_expected_spec_and_site_order_are_checked():
+    stats = valid_stats()
+    problems = partial_stats_problems(stats, [("age", "numeric"), ("stage", "numeric")])
+    assert problems == ["spec [['age', 'numeric'], ['stage', 'categorical']] differs from the expected "
+                        "[['age', 'numeric'], ['stage', 'numeric']]"]
+    bad = mutated(stats, ("columns", "age", "centred_sum_sq"), -1.0)
+    with pytest.raises(ClinicalDataError) as error:
+        EhrPreprocessor.from_partial_stats([stats, bad, bad])
+    assert "site 0" not in str(error.value) and str(error.value).count("is negative") == 2
+    assert "site 1: columns.age" in str(error.value) and "site 2: columns.age" in str(error.value)
+    for garbage in (None, "stats", {"site": stats}, 3):
+        with pytest.raises(ClinicalDataError, match="needs a list of the statistics"):
+            EhrPreprocessor.from_partial_stats(garbage)
+
+
+def test_united_categories_are_bounded_too():
+    sites = [pd.DataFrame({"age": [1.0] * 30, "stage": [f"s{k}-{i}" for i in range(30)]}) for k in range(2)]
+    with pytest.raises(ClinicalDataError, match="'stage' has 60 categories over all sites, more than 50"):
+        EhrPreprocessor.from_partial_stats([partial_stats(site, SPEC) for site in sites])
+
+
+def test_partial_stats_refuses_a_table_the_server_would_refuse():
+    with pytest.raises(ClinicalDataError, match=r"'age' has a value 2e\+06 beyond \+-1e\+06"):
+        partial_stats(pd.DataFrame({"age": [50.0, 2e6], "stage": ["I", "II"]}), SPEC)
+    many = pd.DataFrame({"age": np.arange(51.0), "stage": [f"id{i}" for i in range(51)]})
+    with pytest.raises(ClinicalDataError, match="would be refused: columns.stage has 51 categories"):
+        partial_stats(many, SPEC)
+
+
+# A pool of what a hostile or broken site could put anywhere in its JSON.
+GARBAGE = [
+    None, True, False, 0, -1, -5.0, 1, 2, 10**400, -(10**400), 2**63, 1e300, -1e300, 1e15, 1e-300, float("nan"),
+    float("inf"), -float("inf"), "", "5", "age", "x" * 100, [], [1, 2], [["age", "numeric"]], [[[[]]]], {}, {"a": {}},
+    {"count": 1}, ["I", "I"], ["b", "a"], [None], list(range(100)), [f"c{i:03d}" for i in range(60)],
+]
+
+
+def _random_mutation(stats: dict, rng: random.Random) -> dict:
+    """Replace, delete or add one entry anywhere in ``stats`` (or swap the whole object)."""
+    entries: list[tuple] = []  # (container, key) for every entry; the column statistics count twice
+
+    def walk(node, weight):
+        for key in list(node) if isinstance(node, dict) else range(len(node)):
+            entries.extend([(node, key)] * weight)
+            if isinstance(node[key], (dict, list)):
+                walk(node[key], 2 if key == "columns" else weight)
+
+    walk(stats, 1)
+    if rng.random() < 0.03 or not entries:
+        return copy.deepcopy(rng.choice(GARBAGE))
+    node, key = rng.choice(entries)
+    action = rng.random()
+    value = node[key]
+    if action < 0.3 and isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e18:
+        lie = rng.choice([-1, 1, 2, 1e3, 1e9, -1e-9]) * value + rng.choice([0, 1, -1])  # a plausible lie
+        node[key] = int(lie) if isinstance(value, int) else lie
+    elif action < 0.8:
+        node[key] = copy.deepcopy(rng.choice(GARBAGE))
+    elif action < 0.9:
+        del node[key]
+    elif isinstance(node, dict):
+        node[rng.choice(["extra", "age", "stage", "count", "sum", "spec", "rows"]) + rng.choice(["", "2"])] = (
+            copy.deepcopy(rng.choice(GARBAGE))
+        )
+    else:
+        node.append(copy.deepcopy(rng.choice(GARBAGE)))
+    return stats
+
+
+def test_fuzzed_statistics_never_crash_the_server():
+    rng = random.Random(0)
+    base = valid_stats()
+    refused = 0
+    for trial in range(600):
+        stats = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            stats = _random_mutation(stats, rng) if isinstance(stats, dict) else stats
+        problems = partial_stats_problems(stats)  # must never raise
+        assert isinstance(problems, list) and all(isinstance(p, str) and len(p) < 400 for p in problems)
+        for sites in ([stats], [base, stats]):
+            try:
+                fitted = EhrPreprocessor.from_partial_stats(sites)
+            except ClinicalDataError:
+                refused += 1
+                continue
+            except Exception as error:  # pragma: no cover - the failure this test exists to catch
+                pytest.fail(f"trial {trial}: {type(error).__name__}: {error} for {stats!r}")
+            assert not problems, (trial, problems)  # anything it accepts, the check accepts
+            for column in fitted.columns:
+                if isinstance(column, NumericColumn):
+                    assert math.isfinite(column.mean) and math.isfinite(column.std) and column.std > 0
+                    assert abs(column.mean) <= MAX_ABS_COVARIATE
+                else:
+                    assert len(column.categories) <= MAX_EHR_CATEGORIES
+            assert fitted.n_features <= 2 * (MAX_EHR_CATEGORIES + 1)
+    assert refused > 900  # nearly every mutant is refused: the fuzz is not vacuous
+
+
+def test_random_numeric_statistics_fit_finite_or_are_refused():
+    """Numbers of every magnitude and sign in a well-formed numeric entry: the bounds decide."""
+    rng = random.Random(1)
+    accepted = 0
+    for _ in range(500):
+        count, missing = rng.choice([0, 1, 2, 5, 10**6]), rng.choice([0, 3])
+        entry = {
+            "count": count,
+            "missing": missing,
+            "sum": rng.choice([-1, 1]) * 10 ** rng.uniform(-3, 16) * rng.choice([0, 1]),
+            "centred_sum_sq": rng.choice([-1, 1, 1, 1]) * 10 ** rng.uniform(-3, 30) * rng.choice([0, 1]),
+        }
+        stats = {"spec": [["age", "numeric"]], "rows": count + missing, "columns": {"age": entry}}
+        problems = partial_stats_problems(stats)
+        try:
+            column = EhrPreprocessor.from_partial_stats([stats]).columns[0]
+        except ClinicalDataError:
+            continue
+        accepted += 1
+        assert problems == []
+        assert abs(column.mean) <= MAX_ABS_COVARIATE * (1 + 1e-9) and 0 < column.std <= MAX_ABS_COVARIATE * (1 + 1e-9)
+    assert 50 < accepted < 450  # both sides of the bounds are exercised
+
+
+def test_real_tables_give_statistics_without_problems(phantom_federation):
+    from lifelines.datasets import load_lung
+
+    from pemma_core.config.site import load_site_config
+
+    ehr_sites = [load_site_config(p) for p in (*phantom_federation.site_yamls, phantom_federation.test_yaml)]
+    ehr_sites = [cfg for cfg in ehr_sites if cfg.clinical is not None and cfg.clinical.covariates]
+    assert ehr_sites
+    stats = []
+    for cfg in ehr_sites:
+        table, _ = read_clinical(cfg.clinical.path, cfg.clinical.id_column, cfg.clinical.time, cfg.clinical.event,
+                                 cfg.clinical.covariates)
+        stats.append(json.loads(json.dumps(partial_stats(table, cfg.clinical.covariates))))
+        assert partial_stats_problems(stats[-1], list(cfg.clinical.covariates.items())) == []
+    EhrPreprocessor.from_partial_stats(stats)
+
+    lung = load_lung()
+    spec = {"age": "numeric", "sex": "categorical", "ph.ecog": "categorical", "ph.karno": "numeric",
+            "pat.karno": "numeric", "meal.cal": "numeric", "wt.loss": "numeric"}
+    by_site = [part for _, part in lung.groupby(lung["inst"].fillna(-1))]
+    site_stats = [json.loads(json.dumps(partial_stats(part, spec))) for part in by_site]
+    assert all(partial_stats_problems(s, list(spec.items())) == [] for s in site_stats)
+    merged = EhrPreprocessor.from_partial_stats(site_stats)
+    pooled = EhrPreprocessor.fit(lung, spec)
+    assert merged.feature_names == pooled.feature_names
+    assert merged.columns[0].mean == pytest.approx(lung["age"].mean())

@@ -14,10 +14,13 @@ from lifelines.utils import concordance_index
 from scipy.ndimage import binary_dilation, binary_erosion
 
 from pemma_core.cli import main as pemma
+from pemma_core.config.site import SiteLimits, load_site_config
 from pemma_core.phantoms import physics
 from pemma_core.phantoms.coordination import ensure_phantom_federation
 from pemma_core.phantoms.physics import CT_SHAPE, case_survival, draw_case, site_scanner, survival_linear_predictor
-from pemma_core.phantoms.writer import Federation, federation_site_files, make_federation
+from pemma_core.phantoms.writer import Federation, federation_site_files, make_federation, phantom_limits
+
+LOWERED_NOTE = "# synthetic phantom data: the privacy floors are lowered so a small test federation still reports"
 
 
 def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +136,45 @@ def test_phantom_federation_is_written_once_and_never_over_other_files(tmp_path:
     with pytest.raises(FileExistsError, match="no federation.yaml"):
         ensure_phantom_federation(other, n_sites=1, cases_per_site=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fed", "other"]  # no partial copy left behind
+
+
+def held_counts(site_yaml: Path) -> tuple[int, int]:
+    """(train, test) cases in a phantom site's manifest."""
+    splits = list(pd.read_csv(site_yaml.parent / "manifest.csv")["split"])
+    return splits.count("train"), splits.count("test")
+
+
+def test_small_phantom_sites_lower_the_privacy_floors_to_what_they_hold(tmp_path: Path) -> None:
+    federation = make_federation(tmp_path / "fed", n_sites=3, cases_per_site=2, seed=0, test_cases=2)
+    defaults = SiteLimits()
+    for site_yaml in (*federation.site_yamls, federation.test_yaml):
+        limits = load_site_config(site_yaml).limits
+        n_train, n_test = held_counts(site_yaml)
+        has_ehr = "ehr" in federation.modalities[site_yaml.parent.name]
+        assert LOWERED_NOTE in site_yaml.read_text()
+        assert limits.min_eval_cases == max(1, n_test) < defaults.min_eval_cases  # Dice still reported
+        assert limits.min_ehr_rows <= (max(1, n_train) if has_ehr else defaults.min_ehr_rows)  # EHR stats still sent
+        # A test federation trains on tiny budgets; what else the site accepts keeps the defaults.
+        assert limits.min_examples_per_round == 1
+        assert (limits.max_rank, limits.pet_embed, limits.max_upload_mb) == (
+            defaults.max_rank, defaults.pet_embed, defaults.max_upload_mb)
+
+
+def test_phantom_limits_rule() -> None:
+    assert phantom_limits(("ct", "pet", "ehr"), ehr_values=10, n_test=3) == {}
+    assert phantom_limits(("ct",), ehr_values=1, n_test=2) == {  # no EHR: no EHR floor to lower
+        "min_eval_cases": 2, "min_examples_per_round": 1}
+    assert phantom_limits(("ct", "ehr"), ehr_values=9, n_test=0) == {"min_eval_cases": 1, "min_ehr_rows": 9,
+                                                                    "min_examples_per_round": 1}
+
+
+def test_the_default_phantom_federation_meets_the_default_floors(tmp_path: Path) -> None:
+    defaults = SiteLimits()
+    for site_yaml in ensure_phantom_federation(tmp_path / "fed"):  # the default size, as simulations use it
+        n_train, n_test = held_counts(site_yaml)
+        assert n_test >= defaults.min_eval_cases and n_train >= defaults.min_ehr_rows
+        assert "limits" not in yaml.safe_load(site_yaml.read_text()) and LOWERED_NOTE not in site_yaml.read_text()
+        assert load_site_config(site_yaml).limits == defaults
 
 
 def test_truth_matches_hazard_formula(phantom_federation: Federation) -> None:

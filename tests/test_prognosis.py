@@ -144,7 +144,63 @@ def test_site_covariates_must_match_the_federation_spec(phantom_federation):
     from pemma_core.config.site import load_site_config
 
     ehr_site, ct_site = (load_site_config(p) for p in (phantom_federation.site_yamls[2], phantom_federation.site_yamls[0]))
-    preprocessor = EhrPreprocessor.from_partial_stats([site_ehr_stats(ehr_site)])
+    stats, _note = site_ehr_stats(ehr_site, min_rows=1)  # 3 training cases: below the default floor
+    preprocessor = EhrPreprocessor.from_partial_stats([stats])
     check_site_covariates(ehr_site, preprocessor)
     with pytest.raises(ValueError, match="'age' \\(numeric\\)"):
         check_site_covariates(ct_site, preprocessor)
+
+
+def _fill_clinical(yaml_path, edit) -> None:
+    """Rewrite a site's clinical CSV: every ecog filled in, then ``edit(rows)`` (a list of dicts)."""
+    import csv
+
+    path = yaml_path.parent / "clinical.csv"
+    with path.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        row["ecog"] = row["ecog"] or "1"
+    edit(rows)
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_site_ehr_stats_privacy_floor(tmp_path):
+    from pemma_core.config.site import load_site_config
+    from pemma_core.data.clinical import MIN_EHR_ROWS, partial_stats_problems
+    from pemma_core.data.pipeline import site_cases
+    from pemma_core.phantoms.writer import make_federation
+    from pemma_core.training.prognosis import site_ehr_stats
+
+    # one CT+PET+EHR site with exactly MIN_EHR_ROWS training cases
+    federation = make_federation(tmp_path / "fed", n_sites=1, cases_per_site=13, seed=0, test_cases=0,
+                                 modalities=[["ct", "pet", "ehr"]])
+    yaml_path = federation.site_yamls[0]
+    train = [c.case_id for c in site_cases(load_site_config(yaml_path), "train")[0]]
+    assert len(train) == MIN_EHR_ROWS == 10
+
+    _fill_clinical(yaml_path, lambda rows: None)
+    stats, note = site_ehr_stats(load_site_config(yaml_path))  # 10 values of every covariate: sent
+    assert stats is not None and partial_stats_problems(stats) == []
+    assert stats["rows"] == 10 and note.startswith("EHR statistics sent: 10 training rows")
+
+    def blank_one_age_and_two_sexes(rows):
+        for row in rows:
+            if row["case_id"] == train[0]:
+                row["age"] = ""
+            if row["case_id"] in train[1:3]:
+                row["sex"] = "NA"
+
+    _fill_clinical(yaml_path, blank_one_age_and_two_sexes)
+    cfg = load_site_config(yaml_path)
+    stats, note = site_ehr_stats(cfg)  # 9 ages and 8 sexes: nothing leaves the site
+    assert stats is None
+    assert note == ("EHR statistics withheld: covariate 'age' has 9 training values, covariate 'sex' has 8 training "
+                    "values, fewer than min_ehr_rows 10")
+    assert site_ehr_stats(cfg, min_rows=9)[0] is None  # sex is still short
+    stats, note = site_ehr_stats(cfg, min_rows=8)
+    assert stats["columns"]["age"]["count"] == 9 and "at least 8 values per covariate" in note
+    with pytest.raises(ValueError, match="min_rows must be an int >= 1"):
+        site_ehr_stats(cfg, min_rows=0)

@@ -10,7 +10,7 @@ import torch
 
 from pemma_core import protocol
 from pemma_core.model.spec import ModelSpec
-from pemma_core.protocol import EHR_STATS, EVALUATE, INSTALL_BACKBONE, TRAIN, Instruction, Reply
+from pemma_core.protocol import EHR_STATS, EVALUATE, INSTALL_BACKBONE, JOIN, TRAIN, Instruction, Reply
 
 ROI = (32, 32, 32)
 META = {"site": "site-1", "fingerprint": "f00d"}
@@ -54,8 +54,9 @@ def test_looks_like_image(shape: tuple[int, ...], image_like: bool) -> None:
 
 def test_message_types_are_flowers_strings() -> None:
     assert [TRAIN[p].name for p in protocol.PHASES] == ["train.pretrain_ct", "train", "train.prognosis"]
-    assert (INSTALL_BACKBONE.name, EHR_STATS.name, EVALUATE.name) == ("query.install_backbone", "query.ehr_stats", "evaluate")
-    assert set(protocol.REPLIES) == {INSTALL_BACKBONE, EHR_STATS, EVALUATE, *TRAIN.values()}
+    assert (JOIN.name, INSTALL_BACKBONE.name, EHR_STATS.name, EVALUATE.name) == (
+        "query.join", "query.install_backbone", "query.ehr_stats", "evaluate")
+    assert set(protocol.REPLIES) == {JOIN, INSTALL_BACKBONE, EHR_STATS, EVALUATE, *TRAIN.values()}
 
 
 def test_instruction_roundtrip_and_the_spec_as_json() -> None:
@@ -127,7 +128,7 @@ def test_what_a_reply_may_hold_depends_on_its_kind() -> None:
     assert protocol.reply_problems(TRAIN["adapt"], Reply({}, {"dice-ct": 0.5}, META), [], ROI) == [
         "metric 'dice-ct' is not an aggregate metric name"
     ]
-    assert protocol.reply_problems(TRAIN["adapt"], Reply({}, {"loss": True}, META), [], ROI) == ["metric 'loss' is not numeric"]
+    assert protocol.reply_problems(TRAIN["adapt"], Reply({}, {"loss": True}, META), [], ROI) == ["metric 'loss' is not a number (bool)"]
 
 
 @pytest.mark.parametrize(
@@ -164,3 +165,54 @@ def test_counts_and_dice_are_read_back_as_they_are_written() -> None:
     assert list(protocol.examples_metrics({"shared": 4, "ct": 2})) == ["examples-ct", "examples-shared"]
     assert protocol.examples_of(metrics) == {"shared": 4, "ct": 2}
     assert protocol.dice_of(metrics) == {"ct": (0.5, 3), "pet": (0.25, 1)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("loss", [0.1, 0.2], "is a list; a reply holds one number per metric"),
+        ("loss", {"a": 1}, "is a dict"),
+        ("loss", float("nan"), "is not finite"),
+        ("loss", -0.5, "outside [0, inf]"),
+        ("loss", "0.5", "is not a number (str)"),
+        ("loss", True, "is not a number (bool)"),
+        ("dice-ct", 1e6, "outside [0, 1]"),
+        ("dice-ct", -1.4, "outside [0, 1]"),
+        ("c-index", 1.01, "outside [0, 1]"),
+        ("num-examples", 2.5, "not a whole number"),
+        ("examples-shared", -1, "is not a count"),
+        ("examples-shared", 10**30, "is not a count"),
+        ("train-seconds", float("inf"), "is not finite"),
+        ("train-seconds", 1e12, "outside [0, 1e+07]"),
+    ],
+)
+def test_metric_values_are_checked_by_type_and_range(name: str, value: object, problem: str) -> None:
+    found = protocol.metric_value_problem(name, value)
+    assert found is not None and problem in found and repr(name) in found
+    kind = EVALUATE if name.startswith("dice-") else TRAIN["prognosis"]  # a kind of reply that may hold it
+    reply = Reply(metrics={name: value}, meta={"site": "s"})
+    assert any(problem in p for p in protocol.reply_problems(kind, reply, (), ROI))
+
+
+@pytest.mark.parametrize(("name", "value"), [("loss", 0.0), ("dice-ctpet", 1.0), ("c-index", 0.5), ("num-examples", 20),
+                                             ("examples-pet", np.int64(7)), ("eval-seconds", 3), ("cases-ct", 0)])
+def test_honest_metric_values_pass(name: str, value: object) -> None:
+    assert protocol.metric_value_problem(name, value) is None
+
+
+def test_a_site_refuses_instruction_keys_the_protocol_does_not_name() -> None:
+    config = Instruction(local_steps=3, lr=0.01, batch_size=2, seed=7, spec=ModelSpec(), fingerprint="f",
+                         phase="adapt", round=1, wire_dtype="float32").to_config()
+    assert Instruction.from_config({**config, "server-round": 1}).round == 1  # Flower's own key is fine
+    with pytest.raises(ValueError, match="unknown key.*'eval-split'.*does not take"):
+        Instruction.from_config({**config, "eval-split": "train"})
+
+
+def test_join_reply_declares_training_cases() -> None:
+    metrics = protocol.declared_metrics({"ct": 10, "pet": 7})
+    assert metrics == {"train-cases-ct": 10, "train-cases-pet": 7, "train-cases-ehr": 0, "train-cases-survival": 0}
+    assert protocol.reply_problems(JOIN, Reply(metrics=metrics, meta={"site": "a"}), (), ROI) == []
+    assert protocol.declared_of(metrics)["pet"] == 7
+    bad = Reply(metrics={"train-cases-ct": -3}, meta={"site": "a", "fingerprint": "x"})
+    problems = protocol.reply_problems(JOIN, bad, (), ROI)
+    assert any("is not a count" in p for p in problems) and any("'fingerprint' may not cross" in p for p in problems)

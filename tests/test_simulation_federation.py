@@ -109,7 +109,7 @@ def test_only_adapters_counts_and_metrics_cross_the_wire(tmp_path: Path, federat
     groups = json.loads(read_adapter_file(run_dir.checkpoint("adapt", 1))[1]["groups"])
     replies = [x for x in grid.transcript if x.reply is not None]
     assert {x.instruction.metadata.message_type for x in replies} == {
-        "train.pretrain_ct", "query.install_backbone", "train", "evaluate", "query.ehr_stats", "train.prognosis"
+        "query.join", "train.pretrain_ct", "query.install_backbone", "train", "evaluate", "query.ehr_stats", "train.prognosis"
     }
     head_groups = json.loads(read_adapter_file(run_dir.checkpoint("prognosis", 2))[1]["groups"])
     for exchange in replies:
@@ -228,9 +228,9 @@ def test_a_silent_site_is_left_out(tmp_path: Path, federation: list[Path], backb
     settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file))
     run_dir, _ = run(settings, disconnected={2})
     record = run_dir.metrics()["rounds"][0]
-    sites = {s["node_id"]: s for s in record["sites"]}
-    assert record["aggregated"] is True
-    assert sites[2]["status"] == "failed" and "no reply" in sites[2]["reason"]
+    assert record["aggregated"] is True and sorted(s["node_id"] for s in record["sites"]) == [1, 3]
+    silent = run_dir.metrics()["run"]["join_failures"]
+    assert [(f["node_id"], f["cause"]) for f in silent] == [(2, "no reply to the join request")]
 
 
 def test_min_sites_not_met_keeps_the_global_adapters(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
@@ -268,7 +268,9 @@ def test_a_deployed_federation_gets_no_phantom_data_from_the_server(
     run_dir, _ = run(settings, node_configs=[{"site-config": str(p)} for p in federation])
     assert run_dir.metrics()["rounds"][0]["aggregated"] is True
     assert not phantom_dir.exists() and not (run_dir.path / "federation").exists()
-    assert "sites" not in run_dir.metrics()["run"]  # no site path the run did not use
+    info = run_dir.metrics()["run"]
+    assert "site_configs" not in info  # no site path the run did not use
+    assert [s["name"] for s in info["sites"]] == ["site-1", "site-2", "site-3"]  # each joined under its own name
 
 
 # ------------------------------------------------------------------------- resume
@@ -309,3 +311,161 @@ def test_resume_with_another_model_spec_is_refused(tmp_path: Path, federation: l
         run(changed)
     assert run_dir.run_json.read_bytes() == saved  # the run folder is left as it was
     assert prepare_run_dir(settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), resume=True))
+
+
+# ------------------------------------------------------------------------- joining
+
+
+def test_a_site_whose_yaml_fails_is_named_with_its_cause_and_sent_nothing_more(
+    tmp_path: Path, federation: list[Path], backbone_file: Path
+) -> None:
+    broken = federation[1].with_name("typo.yaml")  # beside site-2's own YAML: its relative paths still hold
+    broken.write_text(federation[1].read_text().replace("spacing:", "spacnig:"))
+    sites = [federation[0], broken, federation[2]]
+    settings = settings_for(tmp_path / "run", sites, backbone_file=str(backbone_file), rounds=2)
+    run_dir, grid = run(settings)
+    failure = run_dir.metrics()["run"]["join_failures"]
+    assert len(failure) == 1 and failure[0]["site"].startswith("site-2")
+    assert "unknown key 'spacnig'" in failure[0]["cause"] and "\x1b[" not in failure[0]["cause"]
+    assert "\n" not in failure[0]["cause"]
+    to_node_2 = [x.instruction.metadata.message_type for x in grid.transcript if x.instruction.metadata.dst_node_id == 2]
+    assert to_node_2 == ["query.join"]  # asked to join once, then nothing
+    assert all(r["aggregated"] for r in run_dir.metrics()["rounds"])
+
+
+def test_two_nodes_claiming_one_name_are_both_reported(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    settings = settings_for(tmp_path / "run", [], backbone_file=str(backbone_file))
+    configs = [{"site-config": str(federation[0])}, {"site-config": str(federation[0])}, {"site-config": str(federation[1])}]
+    run_dir, _ = run(settings, node_configs=configs)
+    info = run_dir.metrics()["run"]
+    assert info["duplicate_names"] == {"site-1": [1, 2]}
+    assert sorted(s["label"] for s in info["sites"]) == ["site-1 (node 1)", "site-1 (node 2)", "site-2"]
+    assert sorted(s["name"] for s in run_dir.metrics()["rounds"][0]["sites"]) == ["site-1 (node 1)", "site-1 (node 2)", "site-2"]
+    assert json.loads(run_dir.run_json.read_text())["duplicate_names"] == {"site-1": [1, 2]}
+
+
+def test_every_reply_a_site_sends_is_in_its_audit_log(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    from pemma_core import audit
+    from pemma_core.config.site import load_site_config
+
+    for site in federation:  # a fresh log per test: the module's federation is shared
+        audit.audit_path(load_site_config(site).cache_dir).unlink(missing_ok=True)
+    settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), rounds=2, evaluate=True)
+    _, grid = run(settings)
+    site = load_site_config(federation[1])
+    entries, problems = audit.read_audit(audit.audit_path(site.cache_dir))
+    sent = [x for x in grid.transcript if x.instruction.metadata.dst_node_id == 2 and x.reply is not None]
+    assert problems == [] and len(entries) == len(sent)
+    assert [e["message_type"] for e in entries] == [x.instruction.metadata.message_type for x in sent]
+    for entry, exchange in zip(entries, sent):
+        arrays = exchange.reply.content["arrays"]
+        assert {t["name"]: (t["bytes"], t["dtype"]) for t in entry["tensors"]} == {
+            k: (a.numpy().nbytes, str(a.numpy().dtype)) for k, a in arrays.items()}
+        assert entry["metrics"] == dict(exchange.reply.content["metrics"])
+    train = [e for e in entries if e["message_type"] == "train"]
+    assert [(e["phase"], e["round"]) for e in train] == [("adapt", 1), ("adapt", 2)]
+
+
+def test_poisoned_ehr_statistics_are_rejected_and_the_run_goes_on(
+    tmp_path: Path, federation: list[Path], backbone_file: Path
+) -> None:
+    def poison(msg: Message, context: Context, call_next: Callable) -> Message:
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "query.ehr_stats" and "ehr-stats" in reply.content["meta"]:
+            stats = json.loads(reply.content["meta"]["ehr-stats"])
+            stats["columns"]["age"]["centred_sum_sq"] = -5.0
+            stats["columns"]["sex"]["categories"] = [f"cat-{i:04d}" for i in range(1000)]
+            reply.content["meta"]["ehr-stats"] = json.dumps(stats)
+        return reply
+
+    settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), prognosis_rounds=1,
+                            prognosis_steps=1)
+    run_dir, _ = run(settings, mods=[poison])
+    outcome = {e["site"]: e for e in run_dir.metrics()["run"]["ehr_stats"]}
+    assert outcome["site-3"]["status"] == "rejected"
+    assert "centred_sum_sq is negative" in outcome["site-3"]["reason"] and "categories" in outcome["site-3"]["reason"]
+    spec = json.loads(read_adapter_file(run_dir.checkpoint("prognosis", 2))[1]["spec"])
+    assert spec["survival"] and spec["ehr_features"] == 0  # no EHR branch: the only EHR site's statistics were refused
+
+
+# ------------------------------------------------------------------------- adversaries
+
+
+def phase_distances(run_dir: RunDir, settings: RunSettings) -> dict[str, float]:
+    """Per phase, how far the run's final global tensors are from where the phase started."""
+    from dataclasses import replace
+
+    from pemma_core.model.factory import build_model
+    from pemma_core.model.files import load_backbone, trainable_state
+    from pemma_core.model.spec import ModelSpec
+
+    def distance(a: dict, b: dict) -> float:
+        return float(np.sqrt(sum(torch.sum((a[k].double() - b[k].double()) ** 2) for k in b)))
+
+    spec = settings.model_spec()
+    torch.manual_seed(settings.seed)
+    start = {k: v for k, v in build_backbone(spec).state_dict().items() if v.is_floating_point()}
+    backbone, _ = load_backbone(run_dir.backbone_file)
+    out = {"pretrain-ct": distance({k: v for k, v in backbone.state_dict().items() if k in start}, start)}
+    adapt = read_adapter_file(run_dir.checkpoint("adapt", settings.rounds))[0]
+    out["adapt"] = distance(adapt, read_adapter_file(run_dir.checkpoint("adapt", 0))[0])
+    last = max(run_dir.checkpoints("prognosis"))
+    head, metadata = read_adapter_file(run_dir.checkpoint("prognosis", last))
+    head_spec = replace(spec, survival=True, ehr_features=ModelSpec.from_json(metadata["spec"]).ehr_features)
+    torch.manual_seed(settings.seed)
+    model = build_model(head_spec, backbone)
+    groups = json.loads(metadata["groups"])
+    initial = {k: v for k, v in trainable_state(model).items() if groups[k] in ("prognosis", "ehr")}
+    out["prognosis"] = distance(head, initial)
+    return out
+
+
+ADVERSARY_CASES = {  # kind -> (adversary site, phases whose train replies it corrupts)
+    "scale": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "count": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "huge": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "nan": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "list-metric": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "impersonate": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
+    "foreign": ("site-1", ("adapt",)),
+    "ehr-poison": ("site-2", ()),
+}
+
+
+@pytest.fixture(scope="module")
+def honest_run(tmp_path_factory: pytest.TempPathFactory, federation: list[Path]) -> tuple[RunSettings, dict[str, float]]:
+    settings = adversary_settings(tmp_path_factory.mktemp("honest") / "run", federation)
+    run_dir, _ = run(settings)
+    return settings, phase_distances(run_dir, settings)
+
+
+def adversary_settings(run_dir: Path, federation: list[Path]) -> RunSettings:
+    return settings_for(run_dir, federation, pretrain_rounds=2, pretrain_steps=1, rounds=2, local_steps=2, evaluate=True,
+                        prognosis_rounds=1, prognosis_steps=2, min_sites=1)
+
+
+@pytest.mark.parametrize("kind", list(ADVERSARY_CASES))
+def test_no_adversary_steers_the_federation(
+    tmp_path: Path, federation: list[Path], honest_run: tuple[RunSettings, dict[str, float]], kind: str
+) -> None:
+    """The acceptance of every ``--adversary`` kind, end to end on real sites: the run completes, the
+    adversary's corrupted replies are rejected or clipped in every phase they reach, and the final
+    global tensors of each phase are no further from where they started than 1.5x an honest run's."""
+    from simulation.adversary import adversary_mod
+
+    site, phases = ADVERSARY_CASES[kind]
+    settings = adversary_settings(tmp_path / "run", federation)
+    run_dir, _ = run(settings, mods=[adversary_mod({site: kind})])
+    metrics = run_dir.metrics()
+    for record in metrics["pretrain_rounds"] + metrics["rounds"]:
+        status = {s["name"]: s["status"] for s in record["sites"]}
+        if record["phase"] in phases:
+            assert status[site] in ("rejected", "clipped"), (record["phase"], record["round"], status)
+        assert all(v == "ok" for name, v in status.items() if name != site), (record["phase"], status)
+    if kind == "ehr-poison":
+        outcome = {e["site"]: e["status"] for e in metrics["run"]["ehr_stats"]}
+        assert outcome[site] == "rejected" and outcome["site-3"] == "ok"
+    honest = honest_run[1]
+    for phase, distance in phase_distances(run_dir, settings).items():
+        assert distance <= 1.5 * honest[phase] + 1e-6, (phase, distance, honest[phase])
+    assert "Robustness" in run_dir.report.read_text()

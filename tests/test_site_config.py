@@ -14,6 +14,7 @@ from pemma_core.config.site import (
     DEFAULT_SPACING,
     ClinicalSpec,
     SiteConfigError,
+    SiteLimits,
     expand_env,
     load_site_config,
     site_json_schema,
@@ -47,6 +48,22 @@ def test_minimal_yaml_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.on_bad_case == "skip"
     assert cfg.ct_window == DEFAULT_CT_WINDOW
     assert cfg.pet_suv_max == DEFAULT_PET_SUV_MAX
+    assert cfg.limits == SiteLimits()
+
+
+def test_default_limits() -> None:
+    limits = SiteLimits()
+    assert (limits.max_rank, limits.pet_embed, limits.max_upload_mb) == (16, ("lowrank",), 64.0)
+    assert (limits.min_examples_per_round, limits.min_eval_cases, limits.min_ehr_rows) == (8, 3, 10)
+
+
+def test_limits_are_read_and_missing_keys_keep_their_defaults(tmp_path: Path) -> None:
+    text = MINIMAL + ("limits:\n  max_rank: 32\n  pet_embed: [full, lowrank]\n  max_upload_mb: 12.5\n"
+                      "  min_eval_cases: 5\n")
+    cfg = load_site_config(write_yaml(tmp_path, text))
+    assert cfg.limits == SiteLimits(max_rank=32, pet_embed=("lowrank", "full"), max_upload_mb=12.5, min_eval_cases=5)
+    assert load_site_config(write_yaml(tmp_path, MINIMAL + "limits:\n")).limits == SiteLimits()  # null: defaults
+    assert load_site_config(write_yaml(tmp_path, MINIMAL + "limits: {pet_embed: full}\n")).limits.pet_embed == ("full",)
 
 
 def test_full_yaml(tmp_path: Path) -> None:
@@ -105,6 +122,17 @@ def test_clinical_without_survival(tmp_path: Path) -> None:
         ("clinical: {path: c.csv, time: null}\n", "clinical.time", "both"),
         ("clinical: {path: c.csv, covariates: {time: numeric}}\n", "clinical.covariates", "clash"),
         ("clinical: [c.csv]\n", "clinical", "mapping"),
+        ("limits: {max_rank: 0}\n", "limits.max_rank", "whole number >= 1"),
+        ("limits: {max_rank: 8.5}\n", "limits.max_rank", "whole number >= 1"),
+        ("limits: {max_rnak: 8}\n", "limits.max_rnak", "did you mean 'max_rank'"),
+        ("limits: {pet_embed: huge}\n", "limits.pet_embed", "'lowrank', 'full'"),
+        ("limits: {pet_embed: []}\n", "limits.pet_embed", "non-empty list"),
+        ("limits: {pet_embed: [full, full]}\n", "limits.pet_embed", "without repeats"),
+        ("limits: {max_upload_mb: 0}\n", "limits.max_upload_mb", "positive number"),
+        ("limits: {min_examples_per_round: 0}\n", "limits.min_examples_per_round", "whole number >= 1"),
+        ("limits: {min_eval_cases: -1}\n", "limits.min_eval_cases", "whole number >= 1"),
+        ("limits: {min_ehr_rows: ten}\n", "limits.min_ehr_rows", "whole number >= 1"),
+        ("limits: 16\n", "limits", "mapping with max_rank"),
     ],
 )
 def test_bad_keys_name_key_and_expectation(tmp_path: Path, extra: str, key: str, expected: str) -> None:
@@ -171,12 +199,72 @@ def test_a_duplicated_key_is_refused(tmp_path: Path, text: str, key: str, line: 
     assert f"duplicate key {key!r} (line {line}" in str(error.value)
 
 
+# --------------------------------------------------------------------------- limits: what a site refuses
+
+DEFAULT_RUN = {"rank": 8, "pet_embed": "lowrank", "phase": "adapt", "local_steps": 10, "batch_size": 2}
+
+
+def test_the_default_run_is_accepted_by_the_default_limits() -> None:
+    assert SiteLimits().refusals(**DEFAULT_RUN) == []
+    assert SiteLimits().refusals(**{**DEFAULT_RUN, "phase": "pretrain-ct"}) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "expected"),
+    [
+        ({"rank": 64}, "limits.max_rank", "the server asks for rank 64, this site accepts at most 16"),
+        ({"pet_embed": "full"}, "limits.pet_embed", "pet_embed 'full', this site accepts only ['lowrank']"),
+        ({"local_steps": 1, "batch_size": 1}, "limits.min_examples_per_round", "1 example(s) per round"),
+        ({"local_steps": 3, "batch_size": 2}, "limits.min_examples_per_round", "needs at least 8"),
+        ({"batch_size": None}, "limits.min_examples_per_round", "no batch size"),
+    ],
+)
+def test_each_broken_limit_is_one_refusal_naming_key_and_file(tmp_path: Path, change: dict, key: str,
+                                                              expected: str) -> None:
+    source = tmp_path / "site.yaml"
+    refusals = SiteLimits().refusals(**{**DEFAULT_RUN, **change}, source=source)
+    assert len(refusals) == 1
+    assert expected in refusals[0] and f"({key} in {source})" in refusals[0]
+
+
+def test_refusals_follow_the_sites_own_limits(tmp_path: Path) -> None:
+    cfg = load_site_config(write_yaml(tmp_path, MINIMAL + "limits: {max_rank: 64, pet_embed: [lowrank, full]}\n"))
+    wide = {**DEFAULT_RUN, "rank": 64, "pet_embed": "full"}
+    assert cfg.limits.refusals(**wide, source=cfg.path) == []
+    everything = {**wide, "rank": 65, "local_steps": 1, "batch_size": 1}
+    refusals = SiteLimits().refusals(**everything)
+    assert [r.split("(")[-1].split(" in ")[0] for r in refusals] == [
+        "limits.max_rank", "limits.pet_embed", "limits.min_examples_per_round"]
+    assert all(r.endswith("in the site YAML)") for r in refusals)  # no source given
+
+
+def test_prognosis_is_exempt_from_the_examples_minimum() -> None:
+    prognosis = {**DEFAULT_RUN, "phase": "prognosis", "local_steps": 1, "batch_size": None}
+    assert SiteLimits().refusals(**prognosis) == []
+    assert len(SiteLimits().refusals(**{**prognosis, "rank": 64})) == 1  # the other limits still hold
+
+
+def test_upload_refusal(tmp_path: Path) -> None:
+    limits = SiteLimits(max_upload_mb=2.0)
+    assert limits.upload_refusal(2 * 2**20) is None  # exactly the limit fits
+    message = limits.upload_refusal(2 * 2**20 + 1, source=tmp_path / "site.yaml")
+    assert message is not None and "at most 2 MiB" in message
+    assert f"limits.max_upload_mb in {tmp_path / 'site.yaml'}" in message
+    assert SiteLimits().upload_refusal(64 * 2**20) is None and SiteLimits().upload_refusal(65 * 2**20) is not None
+
+
 def test_committed_json_schema_is_the_models() -> None:
     committed = json.loads((REPO / "sites" / "site.schema.json").read_text())
     assert committed == site_json_schema(), "regenerate: python -m pemma_core.config.site"
     assert committed["additionalProperties"] is False and set(committed["required"]) == {
         "name", "data_root", "modalities", "manifest"}
-    assert "site.schema.json" in (REPO / "sites" / "README.md").read_text()
+    readme = (REPO / "sites" / "README.md").read_text()
+    assert "site.schema.json" in readme
+    limits = committed["$defs"]["LimitsFile"]
+    assert limits["additionalProperties"] is False
+    for key, value in vars(SiteLimits()).items():  # every limit documented, with the dataclass's default
+        assert f"`{key}`" in readme, key
+        assert limits["properties"][key]["default"] == (list(value) if isinstance(value, tuple) else value)
 
 
 def test_shipped_yamls_name_the_schema() -> None:
@@ -265,3 +353,15 @@ def test_phantom_site_yamls_load(phantom_federation) -> None:
         assert cfg.modalities == phantom_federation.modalities[cfg.name]
         assert cfg.clinical is not None and cfg.clinical.path.is_file()
         assert bool(cfg.clinical.covariates) == ("ehr" in cfg.modalities)
+        # 4 cases a site (1 test, 3 train) and 2 test cases: the floors are lowered to what each site holds.
+        assert cfg.limits.min_eval_cases == (2 if cfg.name == "test" else 1)
+        if "ehr" not in cfg.modalities:
+            assert cfg.limits.min_ehr_rows == SiteLimits().min_ehr_rows
+        elif cfg.name == "test":  # no training rows at all
+            assert cfg.limits.min_ehr_rows == 1
+        else:  # lowered to the sparsest covariate's training values, so the site still sends its statistics
+            from pemma_core.data.clinical import present_counts
+            from pemma_core.training.prognosis import site_ehr_stats
+
+            stats, _ = site_ehr_stats(cfg, min_rows=cfg.limits.min_ehr_rows)
+            assert stats is not None and min(present_counts(stats).values()) == cfg.limits.min_ehr_rows

@@ -28,6 +28,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from pemma_core.aggregation import RULES
 from pemma_core.model.spec import ADAPTERS, BACKBONES, PRESETS, ModelSpec
 from pemma_core.protocol import WIRE_DTYPES
 
@@ -73,7 +74,8 @@ class RunSettings(BaseModel):
     )
     phantom_sites: int = Field(3, ge=1, description="sites of the phantom federation (site-1 CT, site-2 CT+PET, "
                                                    "site-3 CT+PET+EHR...)")
-    phantom_cases: int = Field(6, ge=1, description="cases per phantom site")
+    phantom_cases: int = Field(16, ge=1, description="cases per phantom site (16: 12 training and 4 test cases, "
+                                                     "enough for the sites' default privacy floors)")
     # ------------------------------------------------------------- model
     backbone: Literal[BACKBONES] = Field("unetr", description="CT backbone")  # type: ignore[valid-type]
     preset: Literal[_PRESET_NAMES] = Field("tiny", description="model size")  # type: ignore[valid-type]
@@ -99,8 +101,14 @@ class RunSettings(BaseModel):
     wire_dtype: Literal[tuple(WIRE_DTYPES)] = Field("float32", description="tensor dtype on the wire")  # type: ignore[valid-type]
     seed: int = Field(0, ge=0, description="seed of everything (initial tensors, site sampling of crops and modes)")
     min_sites: int = Field(2, ge=1, description="fewest accepted site replies a round needs to aggregate")
-    max_update_norm: float = Field(0.0, ge=0, description="reject a site update with ||update - global|| above "
-                                                          "this (0: no bound)")
+    max_update_norm: float = Field(0.0, ge=0, description="adapt: clip every site update to ||update - global|| <= "
+                                                          "this (0: none); choose it from the honest norms in "
+                                                          "metrics.json, see docs/ARCHITECTURE.md")
+    outlier_factor: float = Field(5.0, ge=0, description="reject a site update that moved a parameter group, per "
+                                                         "element, more than this many times the round's median "
+                                                         "(every phase; 0: off)")
+    aggregation: Literal[RULES] = Field("mean", description="how each parameter group is combined: mean (weighted by "  # type: ignore[valid-type]
+                                                            "examples), or the Byzantine-robust median or trimmed-mean")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in a round")
     evaluate: bool = Field(True, strict=False, description="federated evaluation (Dice per site and mode) after "
                                                           "every adapt round")

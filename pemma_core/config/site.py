@@ -8,6 +8,7 @@ A site is a folder plus a YAML file (schema in ``sites/README.md``, and for edit
     modalities: [ct, pet]            # subset of ct, pet, ehr
     manifest: site-b.csv             # case_id, ct, pet, label, split (paths under data_root)
     spacing: [2.0, 2.0, 3.27]        # mm, the grid every case is resampled onto
+    limits: {max_rank: 16}           # optional: what the site accepts, whatever the server asks
 
 :func:`load_site_config` checks the whole file and raises one :class:`SiteConfigError`
 listing every problem (unknown or mistyped keys, a key given twice, missing keys), each
@@ -46,6 +47,7 @@ from pydantic import (
     field_validator,
 )
 
+from pemma_core.model.spec import PET_EMBED_KINDS
 from pemma_core.modes import MODALITIES, MODES, servable_modes
 
 __all__ = [
@@ -54,10 +56,13 @@ __all__ = [
     "DEFAULT_SPACING",
     "DEFAULT_CT_WINDOW",
     "DEFAULT_PET_SUV_MAX",
+    "PET_EMBED_KINDS",
     "ClinicalSpec",
     "SiteConfig",
+    "SiteLimits",
     "SiteConfigError",
     "SiteFile",
+    "LimitsFile",
     "load_site_config",
     "expand_env",
     "site_json_schema",
@@ -70,6 +75,7 @@ DEFAULT_SPACING: tuple[float, float, float] = (2.0, 2.0, 2.0)
 DEFAULT_CT_WINDOW: tuple[float, float] = (-200.0, 300.0)
 # FDG tumour uptake rarely exceeds SUV 20; higher values saturate.
 DEFAULT_PET_SUV_MAX: float = 20.0
+# The PET-embedding kinds of ModelSpec.pet_embed (pemma_core.model.spec checks the same literal tuple).
 
 
 class SiteConfigError(ValueError):
@@ -100,6 +106,59 @@ class ClinicalSpec:
 
 
 @dataclass(frozen=True)
+class SiteLimits:
+    """What a site accepts whatever the server asks (``limits:`` in the site YAML; sites/README.md).
+
+    The checks are pure: they return one message per broken limit, each naming the limit's key
+    and the YAML to edit, and the caller refuses the request.
+    """
+
+    max_rank: int = 16  # largest LoRA/DoRA rank: the upload grows with it
+    pet_embed: tuple[str, ...] = ("lowrank",)  # "full" uploads a whole PET patch convolution
+    max_upload_mb: float = 64.0  # MiB of tensor data per round
+    min_examples_per_round: int = 8  # batch size x local steps; fewer makes an update close to one case
+    min_eval_cases: int = 3  # Dice only over at least this many test cases per mode
+    min_ehr_rows: int = 10  # EHR statistics only from at least this many training rows
+
+    def refusals(
+        self, *, rank: int, pet_embed: str, phase: str, local_steps: int, batch_size: int | None,
+        source: Path | None = None,
+    ) -> list[str]:
+        """One message per limit a training request breaks (empty: accepted). ``phase``
+        ``prognosis`` trains on whole cohorts and is exempt from the examples minimum."""
+        where = _where(source)
+        problems = []
+        if rank > self.max_rank:
+            problems.append(f"the server asks for rank {rank}, this site accepts at most {self.max_rank} "
+                            f"(limits.max_rank in {where})")
+        if pet_embed not in self.pet_embed:
+            problems.append(f"the server asks for pet_embed {pet_embed!r}, this site accepts only "
+                            f"{list(self.pet_embed)} (limits.pet_embed in {where})")
+        if phase != "prognosis":
+            if batch_size is None:  # the protocol always sends one outside prognosis: refuse rather than guess
+                problems.append(f"the server sends no batch size for phase {phase!r}, so this site cannot check its "
+                                f"minimum of {self.min_examples_per_round} examples per round "
+                                f"(limits.min_examples_per_round in {where})")
+            elif local_steps * batch_size < self.min_examples_per_round:
+                problems.append(f"the server asks for {local_steps} local step(s) x batch {batch_size} = "
+                                f"{local_steps * batch_size} example(s) per round, this site needs at least "
+                                f"{self.min_examples_per_round} (limits.min_examples_per_round in {where})")
+        return problems
+
+    def upload_refusal(self, nbytes: int, *, source: Path | None = None) -> str | None:
+        """The message refusing an upload of ``nbytes`` bytes of tensor data, or None when it fits."""
+        mib = nbytes / 2**20
+        if mib <= self.max_upload_mb:
+            return None
+        return (f"the upload would be {mib:.1f} MiB, this site sends at most {self.max_upload_mb:g} MiB per round "
+                f"(limits.max_upload_mb in {_where(source)})")
+
+
+def _where(source: Path | None) -> str:
+    return str(source) if source is not None else "the site YAML"
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One site, validated. Paths are absolute. See ``sites/README.md`` for each field."""
 
@@ -117,6 +176,7 @@ class SiteConfig:
     on_bad_case: str  # "skip" | "fail"
     ct_window: tuple[float, float]  # HU
     pet_suv_max: float
+    limits: SiteLimits = SiteLimits()  # frozen, so one shared default is safe
 
     @property
     def has_ct(self) -> bool:
@@ -187,6 +247,19 @@ _KEYS: dict[str, tuple[str, str]] = {
     "clinical.time": ("survival time column (null: no survival labels)", "a column name or null"),
     "clinical.event": ("event column, 0/1 (null together with time)", "a column name or null"),
     "clinical.covariates": ("EHR columns and their kinds (order kept)", f"a mapping column -> one of {list(COVARIATE_KINDS)}"),
+    "limits": ("what this site accepts, whatever the server asks (null: the defaults)",
+               "a mapping with max_rank, pet_embed, max_upload_mb, min_examples_per_round, min_eval_cases, "
+               "min_ehr_rows"),
+    "limits.max_rank": ("largest LoRA/DoRA rank the site trains and uploads", "a whole number >= 1"),
+    "limits.pet_embed": ("PET-embedding kinds the site accepts (full uploads a whole PET patch convolution)",
+                         f"a non-empty list drawn from {list(PET_EMBED_KINDS)}"),
+    "limits.max_upload_mb": ("largest upload per round, MiB of tensor data", "a positive number (MiB)"),
+    "limits.min_examples_per_round": ("smallest batch size x local steps of a training round (prognosis is exempt)",
+                                      "a whole number >= 1"),
+    "limits.min_eval_cases": ("Dice is reported only over at least this many test cases per mode",
+                              "a whole number >= 1"),
+    "limits.min_ehr_rows": ("EHR statistics are sent only from at least this many training rows",
+                            "a whole number >= 1"),
 }
 _PATH_NOTE = "; relative to the YAML's folder; $VAR, ${VAR} and ${VAR:-default} are expanded"
 
@@ -228,6 +301,7 @@ _Positive = Annotated[float, Field(gt=0)]
 _PositiveInt = Annotated[int, Field(gt=0)]
 _Modality = Literal[MODALITIES]  # type: ignore[valid-type]
 _Mode = Literal[MODES]  # type: ignore[valid-type]
+_PetEmbed = Literal[PET_EMBED_KINDS]  # type: ignore[valid-type]
 _Strict = ConfigDict(extra="forbid", strict=True, str_strip_whitespace=True)
 
 
@@ -259,6 +333,37 @@ class ClinicalFile(BaseModel):
         return covariates
 
 
+_DEFAULT_LIMITS = SiteLimits()
+
+
+class LimitsFile(BaseModel):
+    """The limits mapping of a site YAML: what the site accepts whatever the server asks."""
+
+    model_config = _Strict
+
+    max_rank: _PositiveInt = _about("limits.max_rank", _DEFAULT_LIMITS.max_rank)
+    pet_embed: Annotated[list[_PetEmbed], Field(min_length=1)] | _PetEmbed = _about(
+        "limits.pet_embed", list(_DEFAULT_LIMITS.pet_embed)
+    )
+    max_upload_mb: _Positive = _about("limits.max_upload_mb", _DEFAULT_LIMITS.max_upload_mb)
+    min_examples_per_round: _PositiveInt = _about(
+        "limits.min_examples_per_round", _DEFAULT_LIMITS.min_examples_per_round
+    )
+    min_eval_cases: _PositiveInt = _about("limits.min_eval_cases", _DEFAULT_LIMITS.min_eval_cases)
+    min_ehr_rows: _PositiveInt = _about("limits.min_ehr_rows", _DEFAULT_LIMITS.min_ehr_rows)
+
+    @field_validator("pet_embed")
+    @classmethod
+    def _kinds(cls, value: list[str] | str) -> list[str]:
+        names = _no_repeats(_as_list(value), "limits.pet_embed")
+        return [kind for kind in PET_EMBED_KINDS if kind in names]
+
+    def resolve(self) -> SiteLimits:
+        return SiteLimits(max_rank=self.max_rank, pet_embed=tuple(self.pet_embed), max_upload_mb=float(self.max_upload_mb),
+                          min_examples_per_round=self.min_examples_per_round, min_eval_cases=self.min_eval_cases,
+                          min_ehr_rows=self.min_ehr_rows)
+
+
 class SiteFile(BaseModel):
     """A site YAML as written (before paths are resolved); the source of ``sites/site.schema.json``."""
 
@@ -281,6 +386,7 @@ class SiteFile(BaseModel):
     on_bad_case: Literal[ON_BAD_CASE] = _about("on_bad_case", "skip")  # type: ignore[valid-type]
     ct_window: Annotated[list[float], Field(min_length=2, max_length=2)] = _about("ct_window", DEFAULT_CT_WINDOW)
     pet_suv_max: _Positive = _about("pet_suv_max", DEFAULT_PET_SUV_MAX)
+    limits: LimitsFile | None = _about("limits", None)
 
     @field_validator("modalities")
     @classmethod
@@ -349,6 +455,7 @@ class SiteFile(BaseModel):
             on_bad_case=self.on_bad_case,
             ct_window=(float(self.ct_window[0]), float(self.ct_window[1])),
             pet_suv_max=float(self.pet_suv_max),
+            limits=SiteLimits() if self.limits is None else self.limits.resolve(),
         )
 
 
@@ -411,9 +518,9 @@ def _problems(exc: ValidationError, raw: Mapping[str, Any]) -> list[str]:
     missing: list[str] = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        if loc[0] == "clinical" and len(loc) > 1:  # clinical.<key>, clinical.covariates.<column>
-            parts = loc[:3] if loc[1] == "covariates" and len(loc) > 2 else loc[:2]
-            allowed = [k.removeprefix("clinical.") for k in _KEYS if k.startswith("clinical.")]
+        if loc[0] in ("clinical", "limits") and len(loc) > 1:  # clinical.<key>, clinical.covariates.<column>, limits.<key>
+            parts = loc[:3] if loc[:2] == ("clinical", "covariates") and len(loc) > 2 else loc[:2]
+            allowed = [k.removeprefix(f"{loc[0]}.") for k in _KEYS if k.startswith(f"{loc[0]}.")]
         else:
             parts = loc[:1]
             allowed = [k for k in _KEYS if "." not in k]

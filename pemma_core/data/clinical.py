@@ -12,7 +12,8 @@ Two steps, kept apart so each can be tested alone:
    be fitted on one table (:meth:`EhrPreprocessor.fit`) or, without sharing rows, from
    per-site summaries (:func:`partial_stats` at each site, then
    :meth:`EhrPreprocessor.from_partial_stats` on the server); both paths give the same
-   preprocessor.
+   preprocessor. The server trusts no summary: :func:`partial_stats_problems` checks its
+   shape, consistency and bounds first, so a malformed one is refused, never a crash.
 
 A covariate spec is an ordered mapping ``{column name: "numeric" | "categorical"}``;
 its order is the order of the output columns.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import reprlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +41,27 @@ MISSING_TOKENS: frozenset[str] = frozenset({"", "na", "n/a", "nan", "null", "non
 METADATA_KEY = "pemma.ehr_preprocessor"
 _FORMAT_VERSION = 1
 
+# Bounds on the statistics a site sends (checked by :func:`partial_stats_problems`), so a
+# malformed or hostile summary can neither crash the server nor steer the fit at will.
+# A covariate in clinical units (age, weight, SUV, lab values, calories...) never exceeds
+# 1e6 in absolute value; a site's sum is then within count * 1e6 of zero.
+MAX_ABS_COVARIATE = 1e6
+# The EHR encoder has one input per category: more would make its width explode, and a
+# label per patient (an id, a date) would leak rows.
+MAX_EHR_CATEGORIES = 50
+MAX_EHR_COVARIATES = 64  # likewise for the number of covariates in a spec
+# More training rows than any hospital's cohort; keeps counts exact as floats and sums far from overflow.
+MAX_EHR_ROWS = 10**7
+MAX_NAME_LENGTH = 64  # covariate names and category labels
+# A site sends nothing when a covariate has fewer present training values: with 2 rows,
+# a count, sum and centred sum of squares give both exact values away.
+MIN_EHR_ROWS = 10
+_NUMERIC_KEYS = frozenset({"count", "sum", "centred_sum_sq", "missing"})
+_CATEGORICAL_KEYS = frozenset({"categories", "missing"})
+_STATS_KEYS = frozenset({"spec", "rows", "columns"})
+# Floating-point slack on the bounds that hold exactly for exact arithmetic.
+_ROUNDING = 1e-9
+
 __all__ = [
     "COVARIATE_TYPES",
     "MISSING_TOKENS",
@@ -48,6 +71,13 @@ __all__ = [
     "check_spec",
     "read_clinical",
     "partial_stats",
+    "partial_stats_problems",
+    "present_counts",
+    "MAX_ABS_COVARIATE",
+    "MAX_EHR_CATEGORIES",
+    "MAX_EHR_COVARIATES",
+    "MAX_EHR_ROWS",
+    "MIN_EHR_ROWS",
     "NumericColumn",
     "CategoricalColumn",
     "EhrPreprocessor",
@@ -319,11 +349,15 @@ def partial_stats(df: pd.DataFrame, spec: CovariateSpec) -> dict[str, Any]:
     merge than raw sums of squares) and the number missing; per categorical column the
     set of categories seen and the number missing.
 
-    Returns a JSON-serialisable dict::
+    Returns a JSON-serialisable dict that :func:`partial_stats_problems` accepts::
 
         {"spec": [[name, type], ...], "rows": n,
          "columns": {name: {"count", "sum", "centred_sum_sq", "missing"}      # numeric
                      name: {"categories": [sorted labels], "missing"}}}       # categorical
+
+    Raises :class:`ClinicalDataError` when the table's statistics would be refused (a
+    numeric value beyond ``MAX_ABS_COVARIATE``, too many categories, a label too long...),
+    so a site learns why before anything is sent.
     """
     spec = check_spec(spec)
     _require_columns(df, spec)
@@ -332,6 +366,11 @@ def partial_stats(df: pd.DataFrame, spec: CovariateSpec) -> dict[str, Any]:
         if kind == "numeric":
             values = _numeric_column(df, name)
             present = values[~np.isnan(values)]
+            if present.size and not np.abs(present).max() <= MAX_ABS_COVARIATE:
+                raise ClinicalDataError(
+                    f"numeric covariate {name!r} has a value {present[np.argmax(np.abs(present))]:g} beyond "
+                    f"+-{MAX_ABS_COVARIATE:g}: not a covariate in clinical units"
+                )
             total = float(present.sum())
             mean = total / present.size if present.size else 0.0
             columns[name] = {
@@ -346,7 +385,213 @@ def partial_stats(df: pd.DataFrame, spec: CovariateSpec) -> dict[str, Any]:
                 "categories": sorted({label for label in labels if label is not None}),
                 "missing": sum(label is None for label in labels),
             }
-    return {"spec": [[name, kind] for name, kind in spec.items()], "rows": int(len(df)), "columns": columns}
+    stats = {"spec": [[name, kind] for name, kind in spec.items()], "rows": int(len(df)), "columns": columns}
+    problems = partial_stats_problems(stats)
+    if problems:
+        raise ClinicalDataError("these EHR statistics would be refused: " + "; ".join(problems))
+    return stats
+
+
+def present_counts(stats: Mapping[str, Any]) -> dict[str, int]:
+    """Per covariate of valid ``stats``, the number of rows holding a value
+    (numeric: ``count``; categorical: ``rows - missing``)."""
+    columns = stats["columns"]
+    return {
+        name: int(columns[name]["count"]) if kind == "numeric" else int(stats["rows"]) - int(columns[name]["missing"])
+        for name, kind in stats["spec"]
+    }
+
+
+# --------------------------------------------------------------------------- checking statistics
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 40
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 4
+_SHOW.maxlevel = 2
+
+
+def _show(value: Any) -> str:
+    """A short repr for a problem message: the value may be huge or deeply nested."""
+    try:
+        return _SHOW.repr(value)
+    except Exception:  # e.g. an int with more digits than Python agrees to print
+        return f"<{type(value).__name__}>"
+
+
+def _as_count(value: Any) -> int | None:
+    """``value`` as an int in ``[0, MAX_EHR_ROWS]`` (a bool is not a count), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value) if 0 <= value <= MAX_EHR_ROWS else None
+
+
+def _as_finite(value: Any) -> float | None:
+    """``value`` as a finite float when it is a number (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_label(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH
+
+
+def _key_problems(where: str, entry: Mapping[Any, Any], expected: frozenset[str]) -> list[str]:
+    absent = sorted(expected - set(entry))
+    extra = [key for key in entry if key not in expected]
+    return ([f"{where} lacks {', '.join(absent)}"] if absent else []) + (
+        [f"{where} has unexpected key(s) {_show(extra)}"] if extra else []
+    )
+
+
+def _read_spec(value: Any, problems: list[str]) -> list[tuple[str, str]] | None:
+    """The spec's (name, kind) pairs, or None (after adding its problems) when it is malformed."""
+    if not isinstance(value, (list, tuple)) or not value:
+        problems.append(f"spec must be a non-empty list of [name, kind] pairs, got {_show(value)}")
+        return None
+    if len(value) > MAX_EHR_COVARIATES:
+        problems.append(f"spec has {len(value)} covariates, more than {MAX_EHR_COVARIATES}")
+        return None
+    pairs: list[tuple[str, str]] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            problems.append(f"spec[{index}] must be a [name, kind] pair, got {_show(item)}")
+            continue
+        name, kind = item
+        if not _is_label(name):
+            problems.append(
+                f"spec[{index}] name must be a string of 1 to {MAX_NAME_LENGTH} characters, got {_show(name)}"
+            )
+        elif not (isinstance(kind, str) and kind in COVARIATE_TYPES):
+            problems.append(
+                f"spec[{index}] kind of {name!r} must be one of {', '.join(COVARIATE_TYPES)}, got {_show(kind)}"
+            )
+        elif any(name == seen for seen, _ in pairs):
+            problems.append(f"spec[{index}] repeats covariate {name!r}")
+        else:
+            pairs.append((name, kind))
+    return pairs if len(pairs) == len(value) else None
+
+
+def _numeric_problems(where: str, entry: Any, rows: int | None, max_abs_value: float) -> list[str]:
+    if not isinstance(entry, Mapping):
+        return [f"{where} must be a mapping with keys {', '.join(sorted(_NUMERIC_KEYS))}, got {_show(entry)}"]
+    problems = _key_problems(where, entry, _NUMERIC_KEYS)
+    counts = {key: _as_count(entry.get(key)) for key in ("count", "missing")}
+    numbers = {key: _as_finite(entry.get(key)) for key in ("sum", "centred_sum_sq")}
+    for key, value in counts.items():
+        if key in entry and value is None:
+            problems.append(f"{where}.{key} must be an int in [0, {MAX_EHR_ROWS}], got {_show(entry[key])}")
+    for key, value in numbers.items():
+        if key in entry and value is None:
+            problems.append(f"{where}.{key} must be a finite number, got {_show(entry[key])}")
+    count, missing = counts["count"], counts["missing"]
+    total, centred = numbers["sum"], numbers["centred_sum_sq"]
+    if count is not None and missing is not None and rows is not None and count + missing != rows:
+        problems.append(f"{where}: count + missing is {count + missing}, rows is {rows}")
+    if centred is not None and centred < 0:
+        problems.append(f"{where}.centred_sum_sq is negative ({centred:g})")
+    if count is None or total is None or centred is None or centred < 0:
+        return problems
+    if count == 0:
+        if total != 0 or centred != 0:
+            problems.append(f"{where} has count 0 but sum {total:g} and centred_sum_sq {centred:g} (both must be 0)")
+        return problems
+    # Every value lies in [-max_abs_value, max_abs_value], so |sum| <= count * max and
+    # sum of squares = centred_sum_sq + sum^2 / count <= count * max^2 (one value: no spread).
+    if abs(total) > count * max_abs_value * (1 + _ROUNDING):
+        problems.append(f"{where}.sum {total:g} is beyond count * {max_abs_value:g} = {count * max_abs_value:g}")
+    elif count == 1 and centred != 0:
+        problems.append(f"{where}.centred_sum_sq must be 0 with count 1, got {centred:g}")
+    elif centred + total * total / count > count * max_abs_value * max_abs_value * (1 + _ROUNDING):
+        bound = count * max_abs_value * max_abs_value - total * total / count
+        problems.append(f"{where}.centred_sum_sq {centred:g} is beyond what {count} values within +-{max_abs_value:g} "
+                        f"with sum {total:g} allow ({bound:g})")
+    return problems
+
+
+def _categorical_problems(where: str, entry: Any, rows: int | None, max_categories: int) -> list[str]:
+    if not isinstance(entry, Mapping):
+        return [f"{where} must be a mapping with keys {', '.join(sorted(_CATEGORICAL_KEYS))}, got {_show(entry)}"]
+    problems = _key_problems(where, entry, _CATEGORICAL_KEYS)
+    missing = _as_count(entry.get("missing"))
+    if "missing" in entry and missing is None:
+        problems.append(f"{where}.missing must be an int in [0, {MAX_EHR_ROWS}], got {_show(entry['missing'])}")
+    elif missing is not None and rows is not None and missing > rows:
+        problems.append(f"{where}.missing {missing} is more than rows {rows}")
+        missing = None
+    if "categories" not in entry:
+        return problems
+    categories = entry["categories"]
+    if not isinstance(categories, (list, tuple)):
+        problems.append(f"{where}.categories must be a list of labels, got {_show(categories)}")
+    elif len(categories) > max_categories:
+        problems.append(f"{where} has {len(categories)} categories, more than {max_categories}")
+    elif not all(_is_label(label) for label in categories):
+        bad = next(label for label in categories if not _is_label(label))
+        problems.append(f"{where}.categories must be strings of 1 to {MAX_NAME_LENGTH} characters, got {_show(bad)}")
+    elif len(set(categories)) != len(categories):
+        problems.append(f"{where}.categories repeat a label")
+    elif list(categories) != sorted(categories):
+        problems.append(f"{where}.categories are not sorted")
+    elif missing is not None and rows is not None:
+        # every category was seen in at least one row holding a value, and such a row has one
+        present = rows - missing
+        if len(categories) > present or (present > 0) != bool(categories):
+            problems.append(f"{where} has {len(categories)} categories for {present} rows holding a value")
+    return problems
+
+
+def partial_stats_problems(
+    stats: Any,
+    expected_spec: Sequence[tuple[str, str]] | None = None,
+    *,
+    max_categories: int = MAX_EHR_CATEGORIES,
+    max_abs_value: float = MAX_ABS_COVARIATE,
+) -> list[str]:
+    """Every reason why ``stats`` (a site's :func:`partial_stats`, as decoded from JSON) cannot be used.
+
+    Never raises, whatever ``stats`` is. An empty list means the statistics are well formed,
+    consistent (counts add up to the rows, no negative spread...) and within bounds (values
+    within ``+-max_abs_value``, at most ``max_categories`` categories), so
+    :meth:`EhrPreprocessor.from_partial_stats` fits finite means and stds from them. With
+    ``expected_spec`` (``[(name, kind), ...]``) the spec must also equal it.
+    """
+    if not isinstance(stats, Mapping):
+        return [f"statistics must be a mapping with keys columns, rows, spec, got {_show(stats)}"]
+    problems = _key_problems("statistics", stats, _STATS_KEYS)
+    spec = _read_spec(stats["spec"], problems) if "spec" in stats else None
+    if spec is not None and expected_spec is not None:
+        pairs = expected_spec.items() if isinstance(expected_spec, Mapping) else expected_spec
+        expected = [tuple(item) for item in pairs]
+        if spec != expected:
+            shown = [[list(item) for item in x] for x in (spec, expected)]
+            problems.append(f"spec {shown[0]} differs from the expected {shown[1]}")
+    rows = _as_count(stats.get("rows"))
+    if "rows" in stats and rows is None:
+        problems.append(f"rows must be an int in [0, {MAX_EHR_ROWS}], got {_show(stats['rows'])}")
+    if "columns" not in stats:
+        return problems
+    columns = stats["columns"]
+    if not isinstance(columns, Mapping):
+        problems.append(f"columns must be a mapping of covariate name to statistics, got {_show(columns)}")
+        return problems
+    if spec is None:
+        return problems
+    names = [name for name, _ in spec]
+    problems += _key_problems("columns", columns, frozenset(names))
+    for name, kind in spec:
+        if name in columns:
+            where = f"columns.{name}"
+            if kind == "numeric":
+                problems += _numeric_problems(where, columns[name], rows, max_abs_value)
+            else:
+                problems += _categorical_problems(where, columns[name], rows, max_categories)
+    return problems
 
 
 # --------------------------------------------------------------------------- preprocessor
@@ -417,33 +662,52 @@ class EhrPreprocessor:
         Means pool the sites' sums; variances pool the within-site centred sums of
         squares plus the between-site term ``sum_k n_k (mean_k - mean)^2``; category sets
         are united. All sites must share the same spec (names, types and order).
+
+        Raises :class:`ClinicalDataError` (and no other exception, whatever ``stats`` holds)
+        listing every problem :func:`partial_stats_problems` finds, by site index, or
+        when a numeric covariate has no value at all or the united categories of one are
+        more than ``MAX_EHR_CATEGORIES``.
         """
-        if not stats:
-            raise ValueError("from_partial_stats needs the statistics of at least one site")
-        spec = [tuple(item) for item in stats[0]["spec"]]
-        for index, site in enumerate(stats[1:], start=1):
-            if [tuple(item) for item in site["spec"]] != spec:
-                raise ClinicalDataError(f"site {index} has covariate spec {site['spec']}, site 0 has {stats[0]['spec']}")
-        check_spec(dict(spec))
+        if not isinstance(stats, (list, tuple)) or not stats:
+            raise ClinicalDataError(
+                f"from_partial_stats needs a list of the statistics of at least one site, got {_show(stats)}"
+            )
+        first = partial_stats_problems(stats[0])
+        # Site 0's spec is the reference once it is known to be well formed.
+        expected = None if first else [tuple(item) for item in stats[0]["spec"]]
+        problems = [f"site 0: {problem}" for problem in first] + [
+            f"site {index}: {problem}"
+            for index, site in enumerate(stats[1:], start=1)
+            for problem in partial_stats_problems(site, expected)
+        ]
+        if problems:
+            raise ClinicalDataError(f"EHR statistics refused, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
         columns: list[NumericColumn | CategoricalColumn] = []
-        for name, kind in spec:
+        for name, kind in expected:
             parts = [site["columns"][name] for site in stats]
             missing = sum(int(p["missing"]) for p in parts)
             if kind == "numeric":
-                count = sum(int(p["count"]) for p in parts)
+                counts = [int(p["count"]) for p in parts]
+                sums = [float(p["sum"]) for p in parts]
+                count = sum(counts)
                 if count == 0:
                     raise ClinicalDataError(f"numeric covariate {name!r} has no values in the training rows")
-                mean = sum(float(p["sum"]) for p in parts) / count
+                mean = sum(sums) / count
                 centred = sum(
-                    float(p["centred_sum_sq"]) + (p["count"] * (p["sum"] / p["count"] - mean) ** 2 if p["count"] else 0.0)
-                    for p in parts
+                    float(p["centred_sum_sq"]) + (n * (total / n - mean) ** 2 if n else 0.0)
+                    for p, n, total in zip(parts, counts, sums)
                 )
                 std = math.sqrt(centred / count)
                 # A constant column carries no information; std 1 keeps it finite (all zeros).
                 columns.append(NumericColumn(name, mean, std if std > 0 else 1.0, missing > 0))
             else:
                 categories = sorted({c for p in parts for c in p["categories"]})
+                if len(categories) > MAX_EHR_CATEGORIES:
+                    raise ClinicalDataError(
+                        f"categorical covariate {name!r} has {len(categories)} categories over all sites, "
+                        f"more than {MAX_EHR_CATEGORIES}"
+                    )
                 columns.append(CategoricalColumn(name, tuple(categories), missing > 0))
         return cls(tuple(columns))
 

@@ -48,6 +48,9 @@ GROUPS = ("shared", "ct", "pet", "fusion", "prognosis", "ehr")
 FULL_GROUP = "backbone"  # every tensor of a fully fine-tuned baseline
 
 
+PET_EMBED_KINDS: tuple[str, ...] = ("lowrank", "full")  # a rank-`rank` delta on the CT conv, or a full copy
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model; stored (as :meth:`to_json`) in every weight file."""
@@ -71,7 +74,7 @@ class ModelSpec:
         _choice("backbone", self.backbone, BACKBONES)
         _choice("kind", self.kind, KINDS)
         _choice("adapter", self.adapter, ADAPTERS)
-        _choice("pet_embed", self.pet_embed, ("lowrank", "full"))
+        _choice("pet_embed", self.pet_embed, PET_EMBED_KINDS)
         if self.preset not in PRESETS[self.backbone]:
             raise ValueError(
                 f"unknown preset {self.preset!r} for {self.backbone}: expected one of "

@@ -12,7 +12,10 @@
 Each site cycles through modalities ``[ct]``, ``[ct, pet]``, ``[ct, pet, ehr]`` (site-1,
 site-2, site-3, site-4 ...) with its own scanner (:mod:`pemma_core.phantoms.physics`).
 About 25% of each site's cases are ``test``. Sites without ``ehr`` get time and event
-only in their clinical CSV. Case ``j`` of site ``i`` draws from
+only in their clinical CSV. A site too small for the default privacy floors of
+:class:`~pemma_core.config.site.SiteLimits` (fewer than 3 test cases, or an EHR site with
+fewer than 10 training rows) gets a ``limits:`` block lowering them to what it holds, so a
+tiny test federation still reports Dice and EHR statistics. Case ``j`` of site ``i`` draws from
 ``numpy.random.default_rng([seed, i, j])``, so a seed fixes every file.
 :func:`federation_site_files` lists a federation folder's sites.
 """
@@ -28,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
+from pemma_core.config.site import SiteLimits
 from pemma_core.data.manifest import write_manifest
 from pemma_core.modes import MODALITIES
 from pemma_core.phantoms.physics import Scanner, case_survival, draw_case, make_case_images, site_scanner
@@ -36,6 +40,7 @@ __all__ = [
     "PHANTOM_SPACING",
     "Federation",
     "parse_modalities",
+    "phantom_limits",
     "make_federation",
     "federation_site_files",
 ]
@@ -64,6 +69,23 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     nib.save(image, str(path))
+
+
+def phantom_limits(modalities: Sequence[str], ehr_values: int, n_test: int) -> dict[str, int]:
+    """The privacy floors a phantom site must lower to report at all: ``min_eval_cases`` when it holds
+    fewer test cases than the default, ``min_ehr_rows`` at an EHR site whose sparsest covariate has
+    fewer training values (``ehr_values``); each lowered to what the site holds, at least 1. Such a
+    small federation is a test federation, which also trains on tiny budgets: its
+    ``min_examples_per_round`` is 1. Empty when the defaults fit (the default federation)."""
+    floors = SiteLimits()
+    lowered = {}
+    if n_test < floors.min_eval_cases:
+        lowered["min_eval_cases"] = max(1, n_test)
+    if "ehr" in modalities and ehr_values < floors.min_ehr_rows:
+        lowered["min_ehr_rows"] = max(1, ehr_values)
+    if lowered:
+        lowered["min_examples_per_round"] = 1
+    return lowered
 
 
 def _write_site(
@@ -175,7 +197,14 @@ def _write_site(
         )
         + "# Schema: sites/README.md in the pemma repository.\n"
     )
-    site_yaml.write_text(header + yaml.safe_dump(config, sort_keys=False))
+    train_rows = [row for row, case in zip(clinical_rows, manifest_rows) if case["split"] == "train"]
+    ehr_values = min((sum(row.get(c, "") != "" for row in train_rows) for c in covariates), default=0)
+    limits = phantom_limits(modalities, ehr_values=ehr_values, n_test=n_test)
+    limits_block = "" if not limits else (
+        "# synthetic phantom data: the privacy floors are lowered so a small test federation still reports\n"
+        + yaml.safe_dump({"limits": limits}, sort_keys=False)
+    )
+    site_yaml.write_text(header + yaml.safe_dump(config, sort_keys=False) + limits_block)
     return site_yaml, truth_rows
 
 
