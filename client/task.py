@@ -484,11 +484,15 @@ def prognosis_site(
         "bytes-up": protocol.payload_bytes(out),
         **protocol.examples_metrics({g: events for g in result.examples}),
     }
-    try:  # the C-index of the held-out split, when it has comparable pairs
+    try:  # the C-index of the held-out split, when it has comparable pairs and enough cases
         test, _ = load_cohort(site, model.roi_size, "test", preprocessor)
-        eval_mode = "ctpet" if "ctpet" in modes else modes[0]
-        metrics["c-index"] = float(evaluate_survival(model, test, eval_mode, omit_ehr=True))
-        metrics["cases-survival"] = len(test)
+        if len(test) < site.limits.min_eval_cases:
+            meta[protocol.WITHHELD] = (f"C-index withheld: {len(test)} test case(s), fewer than "
+                                       f"limits.min_eval_cases {site.limits.min_eval_cases}")
+        else:
+            eval_mode = "ctpet" if "ctpet" in modes else modes[0]
+            metrics["c-index"] = float(evaluate_survival(model, test, eval_mode, omit_ehr=True))
+            metrics["cases-survival"] = len(test)
     except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
         pass
     return check_reply(kind, Reply(out, metrics, meta), arrays, model.roi_size, site)

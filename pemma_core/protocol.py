@@ -279,7 +279,7 @@ REPLIES: dict[MessageType, ReplyKind] = {
     EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY, WITHHELD}),
     TRAIN["pretrain-ct"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
     TRAIN["adapt"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
-    TRAIN["prognosis"]: ReplyKind(tensors=True, metrics=_TRAINING | _SURVIVAL, config=_REPLY_CONFIG),
+    TRAIN["prognosis"]: ReplyKind(tensors=True, metrics=_TRAINING | _SURVIVAL, config=_REPLY_CONFIG | {WITHHELD}),
     EVALUATE: ReplyKind(tensors=False, metrics=_EVALUATION, config=_REPLY_CONFIG | {WITHHELD}),
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -189,4 +190,54 @@ def adversary_mod(adversaries: Mapping[str, str]) -> Mod:
     return mod
 
 
-__all__ = ["ADVERSARY_KINDS", "AdversarySiteError", "adversary_mod", "check_adversary_sites", "misbehave", "parse_adversaries"]
+def phase_distances(run_path: str | Path) -> dict[str, float]:
+    """Per phase of the run in ``run_path``, the L2 distance of its final global tensors from
+    where the phase started (``pretrain-ct``: the backbone from its seeded initialisation;
+    ``adapt``: the adapters from round 0; ``prognosis``: the head from its seeded
+    initialisation): how far the federation moved, which an adversary must not inflate."""
+    from dataclasses import replace
+
+    import torch
+
+    from pemma_core.config.run import RunSettings
+    from pemma_core.model.factory import build_model
+    from pemma_core.model.files import load_backbone, read_adapter_file, trainable_state
+    from pemma_core.model.spec import ModelSpec, build_backbone
+    from server.run_dir import RunDir
+
+    def distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+        return float(np.sqrt(sum(float(torch.sum((a[k].double() - b[k].double()) ** 2)) for k in b)))
+
+    run = RunDir(run_path)
+    saved = run.read_json(run.run_json, {})
+    settings = RunSettings(**{k: v for k, v in saved.items() if k in RunSettings.model_fields})
+    spec = settings.model_spec()
+    backbone, _ = load_backbone(run.backbone_file)
+    out: dict[str, float] = {}
+    if settings.pretrain_rounds and not settings.backbone_file:
+        torch.manual_seed(settings.seed)
+        start = {k: v for k, v in build_backbone(spec).state_dict().items() if v.is_floating_point()}
+        out["pretrain-ct"] = distance({k: v for k, v in backbone.state_dict().items() if k in start}, start)
+    adapt = run.checkpoints("adapt")
+    out["adapt"] = distance(read_adapter_file(adapt[max(adapt)])[0], read_adapter_file(adapt[0])[0])
+    prognosis = run.checkpoints("prognosis")
+    if prognosis:
+        head, metadata = read_adapter_file(prognosis[max(prognosis)])
+        head_spec = replace(spec, survival=True, ehr_features=ModelSpec.from_json(metadata["spec"]).ehr_features)
+        torch.manual_seed(settings.seed)
+        groups = json.loads(metadata["groups"])
+        model = build_model(head_spec, backbone)
+        initial = {k: v for k, v in trainable_state(model).items() if groups[k] in ("prognosis", "ehr")}
+        out["prognosis"] = distance(head, initial)
+    return out
+
+
+__all__ = [
+    "ADVERSARY_KINDS",
+    "AdversarySiteError",
+    "adversary_mod",
+    "check_adversary_sites",
+    "misbehave",
+    "parse_adversaries",
+    "phase_distances",
+]

@@ -34,7 +34,8 @@ from pemma_core import console
 # model (pemma_core.config.run), and so do the defaults (an option not given is None).
 SETTING_OPTIONS = (
     "backbone", "adapter", "preset", "rounds", "local_steps", "pretrain_rounds", "pretrain_steps", "prognosis_rounds",
-    "prognosis_steps", "wire_dtype", "seed", "min_sites", "max_update_norm", "phantom_cases",
+    "prognosis_steps", "wire_dtype", "seed", "min_sites", "max_update_norm", "outlier_factor", "aggregation",
+    "phantom_cases",
 )
 
 

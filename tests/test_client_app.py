@@ -86,3 +86,65 @@ def test_every_reply_is_searched_for_the_sites_case_ids(tmp_path: Path, site_yam
     for kind in (TRAIN["pretrain-ct"], TRAIN["adapt"], TRAIN["prognosis"], EVALUATE, EHR_STATS):
         with pytest.raises(WireViolation, match="case id \\('case-007'\\)"):
             task.check_reply(kind, Reply({}, {}, reply_meta(site.name, "f00d-case-007")), {}, roi, site)
+
+
+def _with_limits(site_yaml: Path, **limits: object) -> Path:
+    """A copy of ``site_yaml`` (beside it) whose ``limits:`` block is ``limits``."""
+    import yaml
+
+    data = yaml.safe_load(site_yaml.read_text())
+    data["limits"] = dict(limits)
+    copy = site_yaml.with_name(f"limits-{abs(hash(tuple(sorted(limits.items()))))}.yaml")
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def _instruction(phase: str = "adapt", **changes: object):
+    from pemma_core.protocol import Instruction
+
+    values = dict(local_steps=10, lr=0.01, batch_size=2, seed=0, spec=ModelSpec(), fingerprint="f", phase=phase, round=1,
+                  wire_dtype="float32")
+    values.update(changes)
+    return Instruction(**values)
+
+
+@pytest.mark.parametrize(
+    ("changes", "limit"),
+    [({"spec": ModelSpec(rank=64)}, "limits.max_rank"), ({"spec": ModelSpec(pet_embed="full")}, "limits.pet_embed"),
+     ({"local_steps": 1, "batch_size": 1}, "limits.min_examples_per_round")],
+)
+def test_a_site_refuses_requests_outside_its_limits(site_yaml: Path, changes: dict, limit: str) -> None:
+    site = load_site_config(site_yaml)
+    task.refuse_outside_limits(site, _instruction())  # the default run is within the default limits
+    with pytest.raises(task.RequestRefused, match=f"site-a refuses this request: .*{limit} in {site_yaml}"):
+        task.refuse_outside_limits(site, _instruction(**changes))
+    with pytest.raises(task.RequestRefused, match="limits.max_upload_mb"):
+        task.refuse_large_upload(site, {"w": np.zeros((65, 1024, 256), np.float32)})  # 65 MiB
+
+
+def test_dice_over_fewer_test_cases_than_the_floor_is_withheld(phantom_federation) -> None:
+    """A site evaluates, but reports a mode's Dice only over at least min_eval_cases test cases, and says so."""
+    from pemma_core.model.factory import build_model
+    from pemma_core.model.files import trainable_state
+
+    source = phantom_federation.site_yamls[1]  # CT+PET, 1 test case
+    spec = ModelSpec()
+    torch.manual_seed(0)
+    backbone = build_backbone(spec)
+    fingerprint = backbone_fingerprint(backbone)
+    arrays = {k: v.numpy() for k, v in trainable_state(build_model(spec, backbone)).items()}
+    for floor, reported in ((1, True), (3, False)):
+        site = load_site_config(_with_limits(source, min_eval_cases=floor))
+        task.install_backbone(site, {}, {k: v.numpy() for k, v in backbone.state_dict().items()}, spec, fingerprint)
+        reply = task.evaluate_site(site, {}, _instruction(fingerprint=fingerprint), arrays)
+        assert any(k.startswith("dice-") for k in reply.metrics) is reported
+        assert ("withheld" in reply.meta) is not reported
+    assert "1 test case(s), fewer than limits.min_eval_cases 3" in reply.meta["withheld"]
+
+
+def test_ehr_statistics_below_the_floor_are_withheld(phantom_federation) -> None:
+    source = phantom_federation.site_yamls[2]  # CT+PET+EHR, 3 training rows
+    sent = task.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=1)))
+    assert "ehr-stats" in sent.meta and "withheld" not in sent.meta
+    withheld = task.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=10)))
+    assert "ehr-stats" not in withheld.meta and "fewer than min_ehr_rows 10" in withheld.meta["withheld"]

@@ -391,35 +391,6 @@ def test_poisoned_ehr_statistics_are_rejected_and_the_run_goes_on(
 # ------------------------------------------------------------------------- adversaries
 
 
-def phase_distances(run_dir: RunDir, settings: RunSettings) -> dict[str, float]:
-    """Per phase, how far the run's final global tensors are from where the phase started."""
-    from dataclasses import replace
-
-    from pemma_core.model.factory import build_model
-    from pemma_core.model.files import load_backbone, trainable_state
-    from pemma_core.model.spec import ModelSpec
-
-    def distance(a: dict, b: dict) -> float:
-        return float(np.sqrt(sum(torch.sum((a[k].double() - b[k].double()) ** 2) for k in b)))
-
-    spec = settings.model_spec()
-    torch.manual_seed(settings.seed)
-    start = {k: v for k, v in build_backbone(spec).state_dict().items() if v.is_floating_point()}
-    backbone, _ = load_backbone(run_dir.backbone_file)
-    out = {"pretrain-ct": distance({k: v for k, v in backbone.state_dict().items() if k in start}, start)}
-    adapt = read_adapter_file(run_dir.checkpoint("adapt", settings.rounds))[0]
-    out["adapt"] = distance(adapt, read_adapter_file(run_dir.checkpoint("adapt", 0))[0])
-    last = max(run_dir.checkpoints("prognosis"))
-    head, metadata = read_adapter_file(run_dir.checkpoint("prognosis", last))
-    head_spec = replace(spec, survival=True, ehr_features=ModelSpec.from_json(metadata["spec"]).ehr_features)
-    torch.manual_seed(settings.seed)
-    model = build_model(head_spec, backbone)
-    groups = json.loads(metadata["groups"])
-    initial = {k: v for k, v in trainable_state(model).items() if groups[k] in ("prognosis", "ehr")}
-    out["prognosis"] = distance(head, initial)
-    return out
-
-
 ADVERSARY_CASES = {  # kind -> (adversary site, phases whose train replies it corrupts)
     "scale": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
     "count": ("site-2", ("pretrain-ct", "adapt", "prognosis")),
@@ -434,9 +405,11 @@ ADVERSARY_CASES = {  # kind -> (adversary site, phases whose train replies it co
 
 @pytest.fixture(scope="module")
 def honest_run(tmp_path_factory: pytest.TempPathFactory, federation: list[Path]) -> tuple[RunSettings, dict[str, float]]:
+    from simulation.adversary import phase_distances
+
     settings = adversary_settings(tmp_path_factory.mktemp("honest") / "run", federation)
     run_dir, _ = run(settings)
-    return settings, phase_distances(run_dir, settings)
+    return settings, phase_distances(run_dir.path)
 
 
 def adversary_settings(run_dir: Path, federation: list[Path]) -> RunSettings:
@@ -451,7 +424,7 @@ def test_no_adversary_steers_the_federation(
     """The acceptance of every ``--adversary`` kind, end to end on real sites: the run completes, the
     adversary's corrupted replies are rejected or clipped in every phase they reach, and the final
     global tensors of each phase are no further from where they started than 1.5x an honest run's."""
-    from simulation.adversary import adversary_mod
+    from simulation.adversary import adversary_mod, phase_distances
 
     site, phases = ADVERSARY_CASES[kind]
     settings = adversary_settings(tmp_path / "run", federation)
@@ -466,6 +439,6 @@ def test_no_adversary_steers_the_federation(
         outcome = {e["site"]: e["status"] for e in metrics["run"]["ehr_stats"]}
         assert outcome[site] == "rejected" and outcome["site-3"] == "ok"
     honest = honest_run[1]
-    for phase, distance in phase_distances(run_dir, settings).items():
+    for phase, distance in phase_distances(run_dir.path).items():
         assert distance <= 1.5 * honest[phase] + 1e-6, (phase, distance, honest[phase])
     assert "Robustness" in run_dir.report.read_text()
