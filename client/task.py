@@ -166,8 +166,12 @@ def declared_cases(site: SiteConfig) -> dict[str, int]:
 
 
 def join_site(site: SiteConfig) -> Reply:
-    """``query.join``: the site's name and its declared training cases per modality."""
-    reply = Reply(metrics=protocol.declared_metrics(declared_cases(site)), meta={protocol.SITE: site.name})
+    """``query.join``: the site's name, its declared training cases per modality and its
+    preprocessing (resampling spacing, CT window, SUV ceiling), which the run records so that
+    the model is applied to data prepared the same way."""
+    preprocessing = protocol.preprocessing_json(site.spacing, site.ct_window, site.pet_suv_max)
+    reply = Reply(metrics=protocol.declared_metrics(declared_cases(site)),
+                  meta={protocol.SITE: site.name, protocol.PREPROCESSING: preprocessing})
     return check_reply(protocol.JOIN, reply, {}, (1, 1, 1), site)
 
 

@@ -190,6 +190,7 @@ def read_install_config(config: Mapping[str, Any]) -> tuple[ModelSpec, str]:
 
 SITE, FINGERPRINT, EHR_STATS_KEY = "site", _FINGERPRINT, "ehr-stats"  # reply config (META) entries
 WITHHELD = "withheld"  # why a site sent less than asked (a privacy floor), in its own words
+PREPROCESSING = "preprocessing"  # in the join reply: the site's resampling grid and intensity normalisation
 
 
 @dataclass
@@ -227,6 +228,30 @@ DECLARED: tuple[str, ...] = ("ct", "pet", "ehr", "survival")
 def declared_metrics(counts: Mapping[str, int]) -> dict[str, int]:
     """A site's declared training cases as the metrics of its ``query.join`` reply (``train-cases-<modality>``)."""
     return {f"train-cases-{kind}": int(counts.get(kind, 0)) for kind in DECLARED}
+
+
+def preprocessing_json(spacing: Sequence[float], ct_window: Sequence[float], pet_suv_max: float) -> str:
+    """What a site's join reply says of its preprocessing (the model only works on data prepared the same way)."""
+    return json.dumps({"spacing": [float(v) for v in spacing], "ct_window": [float(v) for v in ct_window],
+                       "pet_suv_max": float(pet_suv_max)})
+
+
+def read_preprocessing(text: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(preprocessing, None) from a join reply's entry, or (None, why it is unusable)."""
+    try:
+        value = json.loads(str(text))
+        spacing = [float(v) for v in value["spacing"]]
+        window = [float(v) for v in value["ct_window"]]
+        suv = float(value["pet_suv_max"])
+    except (ValueError, TypeError, KeyError) as exc:
+        return None, f"preprocessing is not the expected JSON ({type(exc).__name__}: {exc})"
+    if set(value) != {"spacing", "ct_window", "pet_suv_max"} or len(spacing) != 3 or len(window) != 2:
+        return None, "preprocessing needs exactly spacing (3 numbers), ct_window (2) and pet_suv_max"
+    if not all(np.isfinite([*spacing, *window, suv])) or not all(0 < v <= 100 for v in spacing):
+        return None, f"preprocessing spacing {spacing} is not 3 finite sizes in (0, 100] mm"
+    if not window[0] < window[1] or not 0 < suv <= 1e4:
+        return None, f"preprocessing ct_window {window} / pet_suv_max {suv} out of range"
+    return {"spacing": spacing, "ct_window": window, "pet_suv_max": suv}, None
 
 
 def declared_of(metrics: Mapping[str, Any]) -> dict[str, int]:
@@ -274,7 +299,7 @@ _EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m
 _REPLY_CONFIG = frozenset({SITE, FINGERPRINT})
 
 REPLIES: dict[MessageType, ReplyKind] = {
-    JOIN: ReplyKind(tensors=False, metrics=_DECLARED, config=frozenset({SITE})),
+    JOIN: ReplyKind(tensors=False, metrics=_DECLARED, config=frozenset({SITE, PREPROCESSING})),
     INSTALL_BACKBONE: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG),
     EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY, WITHHELD}),
     TRAIN["pretrain-ct"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
@@ -475,6 +500,7 @@ __all__ = [
     "META",
     "METRICS",
     "PHASES",
+    "PREPROCESSING",
     "REPLIES",
     "REPLY_RECORDS",
     "SITE",
@@ -499,6 +525,8 @@ __all__ = [
     "metric_range",
     "metric_value_problem",
     "payload_bytes",
+    "preprocessing_json",
+    "read_preprocessing",
     "read_install_config",
     "reply_meta",
     "reply_problems",

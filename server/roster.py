@@ -14,6 +14,7 @@ site YAML does not load, say) is named by what its error says and is sent nothin
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -89,9 +90,11 @@ class Member:
     name: str
     declared: dict[str, int]
     label: str = ""  # the name, or "name (node N)" when another node claims the same name
+    preprocessing: dict[str, Any] | None = None  # spacing, CT window, SUV ceiling (protocol.read_preprocessing)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "label": self.label, "node_id": self.node_id, "declared": dict(self.declared)}
+        return {"name": self.name, "label": self.label, "node_id": self.node_id, "declared": dict(self.declared),
+                "preprocessing": self.preprocessing}
 
 
 @dataclass
@@ -125,15 +128,24 @@ class Roster:
             problems = malformed + protocol.reply_problems(protocol.JOIN, reply, (), (1, 1, 1))
             if not reply.site:
                 problems.append("the join reply names no site")
+            preprocessing, why = protocol.read_preprocessing(reply.meta.get(protocol.PREPROCESSING))
+            if why:
+                problems.append(why)
             if problems:
                 self.failed[node] = (reply.site or f"node-{node}", "join refused: " + "; ".join(problems))
                 log.warning("node %d: %s", node, self.failed[node][1])
                 continue
-            self.members[node] = Member(node, str(reply.site), protocol.declared_of(reply.metrics))
+            self.members[node] = Member(node, str(reply.site), protocol.declared_of(reply.metrics),
+                                        preprocessing=preprocessing)
         for node in asked:  # no reply at all: asked again before the next round
             log.warning("node %d did not answer the join request", node)
         self.silent = (self.silent | asked) - set(self.members) - set(self.failed)
         self._label()
+        agreed = self.preprocessing()
+        if agreed and agreed["differs"]:
+            log.warning("sites %s prepare their data differently from the others (%s): the model is recorded with "
+                        "the majority's preprocessing", ", ".join(agreed["differs"]),
+                        {k: v for k, v in agreed.items() if k != "differs"})
 
     def _label(self) -> None:
         for names in self.duplicate_names().values():
@@ -169,9 +181,22 @@ class Roster:
         return Allowance(groups=groups_for(declared, phase), max_examples=per_round,
                          weight_cap=weight_caps(declared, phase))
 
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The federation's preprocessing: what most sites declared (ties: the first site by
+        label), with ``differs`` listing the sites that declared another."""
+        declared = [(m.label, m.preprocessing) for m in sorted(self.members.values(), key=lambda m: m.label)
+                    if m.preprocessing is not None]
+        if not declared:
+            return None
+        texts = [json.dumps(p, sort_keys=True) for _, p in declared]
+        common = max(dict.fromkeys(texts), key=texts.count)
+        return {**json.loads(common), "differs": [label for (label, _), t in zip(declared, texts) if t != common]}
+
     def to_json(self) -> dict[str, Any]:
-        """What ``run.json`` records of the sites (``sites``, ``duplicate_names``, ``join_failures``)."""
+        """What ``run.json`` records of the sites (``sites``, ``duplicate_names``, ``join_failures``,
+        ``preprocessing``)."""
         return {
+            "preprocessing": self.preprocessing(),
             "sites": [m.to_json() for _, m in sorted(self.members.items(), key=lambda item: item[1].label)],
             "duplicate_names": self.duplicate_names(),
             "join_failures": [{"site": label, "node_id": node, "cause": cause} for node, (label, cause) in self.failed.items()]

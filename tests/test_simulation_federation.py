@@ -271,6 +271,12 @@ def test_a_deployed_federation_gets_no_phantom_data_from_the_server(
     info = run_dir.metrics()["run"]
     assert "site_configs" not in info  # no site path the run did not use
     assert [s["name"] for s in info["sites"]] == ["site-1", "site-2", "site-3"]  # each joined under its own name
+    from pemma_core.config.site import load_site_config
+
+    site = load_site_config(federation[0])  # the run records how its sites prepare data (predict needs it)
+    assert info["preprocessing"] == {"spacing": list(site.spacing), "ct_window": list(site.ct_window),
+                                     "pet_suv_max": site.pet_suv_max, "differs": []}
+    assert json.loads(run_dir.run_json.read_text())["preprocessing"] == info["preprocessing"]
 
 
 # ------------------------------------------------------------------------- resume
