@@ -5,6 +5,7 @@
     pemma bench --quick                       # reduced run: UNETR only, a few steps, 2 test cases
     pemma bench                               # the full benchmark (both backbones, the CNN)
     pemma bench --device cuda --preset paper  # the same suite on a GPU (bf16 autocast)
+    pemma bench --quick --fed-aggregation median  # the federated row under the server's median rule
     pemma bench --report-only benchmarks/results/bench-full.json --report-to BENCHMARKS.md
 
 Writes into ``--out`` (default ``bench-out``): ``BENCHMARKS.md`` (every number in it comes
@@ -31,6 +32,7 @@ from pemma_core.console import UsageError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``pemma bench``."""
     from benchmarks.config import DEFAULT_SITES_DIR, default
+    from pemma_core.aggregation import RULES
     from pemma_core.config.run import RunSettings
 
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out)")
@@ -64,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-steps", type=int, help="timed steps per speed variant (default 3; quick 1)")
     parser.add_argument("--fed-engine", choices=("simulation", "inprocess"), default="simulation",
                         help="federated row on Flower's simulation engine (default) or in this process (tests)")
+    parser.add_argument("--fed-aggregation", choices=RULES, default=default("fed_aggregation"),
+                        help="how the server combines the federated row's site updates (default "
+                             f"{default('fed_aggregation')}, the product default; recorded in the row)")
     parser.add_argument("--lr-backbone", type=float, default=default("lr_backbone"),
                         help=f"CT backbone and CNN learning rate (default {default('lr_backbone'):g})")
     parser.add_argument("--lr-full", type=float, default=default("lr_full"),

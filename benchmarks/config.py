@@ -81,6 +81,7 @@ class BenchConfig:
     train_cases: int | None = None  # per site; None: all
     audit: str = "all"  # "all" CT+PET cases, or "named" (README quirk cases only)
     fed_engine: str = "simulation"  # "simulation" (Flower + Ray) | "inprocess" (tests)
+    fed_aggregation: str = field(default_factory=lambda: RunSettings.default("aggregation"))  # federated row's rule
     threads: int | None = None
     threads_reason: str = "given"
     sites_dir: Path = DEFAULT_SITES_DIR
@@ -153,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         train_cases=args.train_cases,
         audit="named" if args.quick else "all",
         fed_engine=args.fed_engine,
+        fed_aggregation=args.fed_aggregation,
         threads=args.threads,
         sites_dir=args.sites_dir.expanduser().resolve(),
         data_root=args.data_root,

@@ -21,9 +21,11 @@ import numpy as np
 
 from benchmarks.config import BenchConfig, Say
 from benchmarks.measure import model_sizes, step_peak_memory
+from benchmarks.robust import robust_counts
 from benchmarks.rows import ROW_LABELS, BackboneBench
 from client.client_app import make_client_app
 from pemma_core.config.run import RunSettings
+from pemma_core.config.site import load_site_config
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.modes import MODES
 from pemma_core.training.local import EvalResult
@@ -45,9 +47,25 @@ def _settings(bench: BackboneBench, run_dir: Path) -> RunSettings:
         backbone=bench.name, preset=config.preset, adapter="lora", rank=bench.spec.rank, alpha=bench.spec.alpha,
         rounds=bench.budget.fed_rounds, local_steps=bench.budget.fed_local_steps, lr=config.lr_adapter,
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
-        seed=config.seed, min_sites=2, evaluate=False,
+        seed=config.seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
+
+
+def _check_site_limits(settings: RunSettings) -> None:
+    """Raise ValueError with every site's refusal before starting Flower: a site refuses a
+    request outside its YAML's ``limits:`` (e.g. batch x local steps under
+    ``min_examples_per_round``), and a round refused by every site says less than this."""
+    spec = settings.model_spec()
+    refusals = []
+    for path in settings.site_config_list():
+        site = load_site_config(path)
+        refusals += site.limits.refusals(rank=spec.rank, pet_embed=spec.pet_embed, phase="adapt",
+                                         local_steps=settings.local_steps, batch_size=settings.batch_size,
+                                         source=site.path)
+    if refusals:
+        raise ValueError("the federated row's budget breaks the sites' limits (raise --fed-local-steps or --batch-size, "
+                         "or lower the limit in the site YAMLs under --sites-dir): " + "; ".join(refusals))
 
 
 def _simulate(settings: RunSettings, config: BenchConfig, say: Say) -> Path:
@@ -95,8 +113,9 @@ def _evaluate_rounds(bench: BackboneBench, run: RunDir,
             final, final_model = result, model
         records.append({
             "round": n, "dice": result.dice, "wall_seconds": r.get("wall_seconds"),
+            "reference_rms": r.get("reference_rms"),
             "sites": [{k: s.get(k) for k in ("name", "status", "reason", "bytes_up", "train_seconds", "setup_seconds",
-                                              "loss", "examples")} for s in r.get("sites", [])],
+                                              "loss", "examples", "rms", "clip_factor")} for s in r.get("sites", [])],
         })
     return records, final, final_model
 
@@ -109,8 +128,10 @@ def run_federated(bench: BackboneBench) -> dict[str, Any]:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     settings = _settings(bench, run_dir)
+    _check_site_limits(settings)
     bench.say(f"PEMMA-LoRA federated: {settings.rounds} rounds x 3 sites x {settings.local_steps} steps "
-              f"through Flower ({config.fed_engine})")
+              f"through Flower ({config.fed_engine}), aggregation {settings.aggregation}, "
+              f"outlier factor {settings.outlier_factor:g}")
     started = time.perf_counter()
     if config.fed_engine == "simulation":
         run_path = _simulate(settings, config, bench.say)
@@ -122,17 +143,22 @@ def run_federated(bench: BackboneBench) -> dict[str, Any]:
     # Only the adapt phase (run folders also list prognosis rounds under "rounds").
     metrics["rounds"] = [r for r in metrics["rounds"] if str(r.get("phase") or "adapt") == "adapt"]
     rounds_out, final, final_model = _evaluate_rounds(bench, run, metrics["rounds"])
-    ok_sites = [s for r in metrics["rounds"] for s in r.get("sites", []) if s.get("status") == "ok"]
+    accepted = ("ok", "clipped")  # a clipped update is aggregated (scaled back), a rejected one is not
+    ok_sites = [s for r in metrics["rounds"] for s in r.get("sites", []) if s.get("status") in accepted]
     steps_done = bench.budget.fed_local_steps * len(ok_sites)
     train_seconds = sum(float(s.get("train_seconds") or 0.0) for s in ok_sites)
-    per_round_up = [sum(int(s.get("bytes_up") or 0) for s in r.get("sites", []) if s.get("status") == "ok")
+    per_round_up = [sum(int(s.get("bytes_up") or 0) for s in r.get("sites", []) if s.get("status") in accepted)
                     for r in metrics["rounds"]]
     sizes = model_sizes(final_model)
     memory = step_peak_memory(final_model, bench.memory_batch("pooled_ctpet"), "ctpet", config.device)
     memory["peak_memory_method"] += " (the federated model, measured outside Flower on a CT+PET batch)"
     return {
         "row": "pemma-lora-fed", "label": ROW_LABELS["pemma-lora-fed"], "backbone": bench.name, "kind": "pemma",
-        "adapter": "lora", "engine": config.fed_engine,
+        "adapter": "lora", "engine": config.fed_engine, "aggregation": settings.aggregation,
+        "robust": robust_counts(metrics["rounds"], settings.aggregation, settings.outlier_factor),
+        "examples_per_round": settings.local_steps * settings.batch_size,
+        "site_min_examples_per_round": {site.name: site.limits.min_examples_per_round
+                                        for site in map(load_site_config, settings.site_config_list())},
         "train_data": "site-a CT only; site-b, site-c CT+PET (Flower "
                       + ("simulation engine)" if config.fed_engine == "simulation" else "ServerApp/ClientApp in process)"),
         "train_modes": ["ct (site-a)", "ct, pet, ctpet (b, c)"], "lr": config.lr_adapter,

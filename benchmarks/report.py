@@ -208,7 +208,8 @@ def _federated(results: Mapping[str, Any], plots_link: str) -> list[str]:
                   "(site-a trains only the shared and CT groups, so it sends less).",
                   f"Time outside local training: {100 * oh.get('overhead_share', float('nan')):.0f}% of the rounds' train "
                   f"wall time ({format_value(oh.get('train_wall_seconds'), 1)} s; site setup {format_value(oh.get('site_setup_seconds'), 1)} s). "
-                  + (f"Site problems: {'; '.join(fed['sites_failed'])}." if fed.get("sites_failed") else "Every site reply was accepted."),
+                  + (f"Site problems: {'; '.join(fed['sites_failed'])}." if fed.get("sites_failed") else "Every site reply was accepted.")
+                  + _robust_text(fed),
                   "", "| round | " + " | ".join(MODES) + " |", "|---|---|---|---|"]
         for r in fed["per_round"]:
             lines.append(f"| {r['round']} | " + " | ".join(format_value(r["dice"].get(m)) for m in MODES) + " |")
@@ -217,6 +218,20 @@ def _federated(results: Mapping[str, Any], plots_link: str) -> list[str]:
             lines += ["", f"![federated Dice per round, {name}]({plots_link}/{Path(plot).name})"]
         lines.append("")
     return lines
+
+
+def _robust_text(fed: Mapping[str, Any]) -> str:
+    """The server's robust aggregation on the federated row's (honest) updates: target 0 clipped, 0 rejected."""
+    robust = fed.get("robust")
+    if not robust:
+        return ""
+    ratio = robust.get("max_rms_ratio")
+    floors = sorted(set(fed.get("site_min_examples_per_round", {}).values()))
+    return (f" Aggregation `{robust['rule']}`, outlier factor {robust['outlier_factor']:g}: of {robust['updates']} "
+            f"honest updates {robust['clipped']} clipped, {robust['rejected']} rejected (target 0)"
+            + (f"; largest update RMS {ratio:.2f}x its round's median" if ratio is not None else "") + "."
+            + (f" Each round trains {fed['examples_per_round']} examples per site (local steps x batch); the sites "
+               f"accept at least {', '.join(map(str, floors))} (`limits.min_examples_per_round`)." if floors else ""))
 
 
 def _overlays(results: Mapping[str, Any], plots_link: str) -> list[str]:

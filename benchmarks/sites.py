@@ -2,12 +2,13 @@
 PET/CT alignment audit, and the batches every row trains and is evaluated on.
 
 The bench reads the IBSI sites of ``sites/ibsi`` in place and writes copies (absolute
-paths, the bench's device and cache) plus two pooled training sets: every site's CT
+paths, the bench's device and cache, the sites' own ``limits:``) plus two pooled training sets: every site's CT
 (``pooled-ct``) and the CT+PET sites' cases (``pooled-ctpet``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -77,6 +78,8 @@ def _write_site_yaml(path: Path, cfg: SiteConfig, name: str, modalities: Sequenc
         "on_bad_case": cfg.on_bad_case,
         "ct_window": list(cfg.ct_window),
         "pet_suv_max": cfg.pet_suv_max,
+        # The copy keeps what the site accepts (sites/ibsi lower min_examples_per_round for the tiny CPU budgets).
+        "limits": {**dataclasses.asdict(cfg.limits), "pet_embed": list(cfg.limits.pet_embed)},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by pemma bench\n" + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

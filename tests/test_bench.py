@@ -70,6 +70,10 @@ def test_every_row_has_its_numbers(bench_run):
     assert set(fed["bytes_up_per_site"]) == {"ibsi-site-a", "ibsi-site-b", "ibsi-site-c"}
     assert fed["bytes_up_per_site"]["ibsi-site-a"] < fed["bytes_up_per_site"]["ibsi-site-b"]  # CT-only site: fewer groups
     assert [r["round"] for r in fed["per_round"]] == [1]
+    # The tiny budget (1 step x batch 2) is accepted by the IBSI sites' limits, and the server's robust
+    # aggregation keeps every honest update.
+    assert fed["sites_failed"] == [] and fed["aggregation"] == "mean"
+    assert fed["robust"]["updates"] == 3 and fed["robust"]["rejected"] == 0
 
 
 def test_speed_profile_targets_and_data_sections(bench_run):
@@ -202,3 +206,60 @@ def test_committed_results_are_where_their_report_links(markdown):
         assert (page.parent / link).is_file(), link
     source = re.search(r"\(`([^`]+\.json)` holds all of them\)", text)
     assert source and (page.parent / source.group(1)).is_file(), source
+
+
+def test_robust_counts_from_a_run_folders_metrics_json(tmp_path):
+    """Clipped, rejected and all updates, and the largest rms / reference, as the federated row reads them."""
+    from benchmarks.report import _robust_text
+    from benchmarks.robust import robust_counts
+    from server.run_dir import RunDir
+
+    site = lambda name, status, **extra: {"name": name, "status": status, **extra}  # noqa: E731
+    metrics = {"run": {}, "rounds": [
+        {"phase": "adapt", "round": 1, "reference_rms": 0.01, "sites": [
+            site("a", "ok", rms={"shared": 0.012, "ct": 0.008}),
+            site("b", "clipped", rms={"shared": 0.02}, clip_factor=0.5),
+            site("c", "rejected", rms={"shared": 0.011, "pet": 0.09}, reason="outlier"),
+            site("d", "failed", reason="refused")]},  # no update: not counted
+        {"phase": "adapt", "round": 2, "reference_rms": None, "sites": [  # bound off: no ratio from this round
+            site("a", "ok", rms={"shared": 5.0})]},
+    ]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    counts = robust_counts(RunDir(tmp_path).metrics()["rounds"], "median", 5.0)
+    assert {k: counts[k] for k in ("rule", "outlier_factor", "clipped", "rejected", "updates")} == \
+        {"rule": "median", "outlier_factor": 5.0, "clipped": 1, "rejected": 1, "updates": 4}
+    assert counts["max_rms_ratio"] == pytest.approx(9.0)
+    honest = robust_counts([{"reference_rms": 0.0, "sites": [site("a", "ok", rms={"x": 1.0})]}], "mean", 5.0)  # 0: no ratio
+    assert (honest["clipped"], honest["rejected"], honest["updates"], honest["max_rms_ratio"]) == (0, 0, 1, None)
+    text = _robust_text({"robust": counts, "examples_per_round": 4, "site_min_examples_per_round": {"a": 2, "b": 2}})
+    assert "of 4 honest updates 1 clipped, 1 rejected" in text and "9.00x" in text and "at least 2" in text
+
+
+def test_bench_site_copies_keep_the_ibsi_limits_and_the_rule_option(tmp_path):
+    """The bench's site copies accept its tiny budgets (sites/ibsi limits), and --fed-aggregation reaches the config."""
+    import argparse
+
+    from benchmarks.cli import add_arguments
+    from benchmarks.config import DEFAULT_SITES_DIR, QUICK_BUDGETS, config_from_args
+    from benchmarks.federated import _check_site_limits
+    from benchmarks.sites import _write_site_yaml
+    from pemma_core.config.run import RunSettings
+    from pemma_core.config.site import load_site_config
+
+    original = load_site_config(DEFAULT_SITES_DIR / "site-b.yaml")
+    copy = load_site_config(_write_site_yaml(tmp_path / "site-b.yaml", original, original.name, original.modalities,
+                                             original.manifest, tmp_path / "cache", "cpu"))
+    assert copy.limits == original.limits
+    smallest = min(local for _, _, local in QUICK_BUDGETS.values())
+    assert copy.limits.refusals(rank=8, pet_embed="lowrank", phase="adapt", local_steps=smallest, batch_size=2) == []
+    # A budget under the sites' floor stops the federated row before Flower starts, naming the limit.
+    settings = RunSettings(run_dir=str(tmp_path / "run"), site_configs=str(copy.path), local_steps=1, batch_size=1)
+    with pytest.raises(ValueError, match=r"limits\.min_examples_per_round in .*site-b\.yaml"):
+        _check_site_limits(settings)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--quick"])).fed_aggregation == "mean"
+    config = config_from_args(parser.parse_args(["--quick", "--fed-aggregation", "trimmed-mean"]))
+    assert config.fed_aggregation == "trimmed-mean" and config.to_json()["fed_aggregation"] == "trimmed-mean"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fed-aggregation", "mode"])
