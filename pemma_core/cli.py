@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "write a synthetic PET/CT federation (sites, manifests, clinical CSVs, site YAMLs)"),
     "check-site": ("pemma_core.data.site_check",
                    "check a site's YAML, manifest, clinical CSV and every image without training"),
+    "convert": ("pemma_core.data.convert",
+                "DICOM to NIfTI: a CT (HU) or PET (SUV) series, or an RTSTRUCT / DICOM-SEG label on its series' grid"),
     "audit": ("pemma_core.audit",
               "what this site has sent to the server: every message, tensor and metric (from its own log)"),
     "simulate": ("simulation.simulate",
@@ -36,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "with a report"),
     "evaluate": ("simulation.evaluate", "Dice per site and per mode of a run's adapters on local site data"),
     "predict": ("simulation.predict", "segment a CT (+PET) case with a run's adapters; the mask is written on the CT grid"),
+    "export": ("simulation.export",
+               "a run's model as a self-contained package (MONAI bundle layout, model card) for pemma predict --model"),
     "bench": ("benchmarks.cli",
               "benchmark PEMMA vs its baselines on the IBSI PET/CT sites (Dice, size, upload, speed, memory) "
               "-> BENCHMARKS.md"),

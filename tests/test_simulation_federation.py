@@ -190,7 +190,8 @@ def test_prognosis_round_aggregates_the_head_and_predict_gives_a_risk(
     assert "risk " in out and "EHR yes" in out
     risk = json.loads((tmp_path / "mask.risk.json").read_text())
     assert np.isfinite(risk["risk"]) and risk["ehr"] == "yes"
-    assert main(["predict", "--run", str(run_dir.path), "--ct", str(case / "ct.nii.gz"), "--out", str(mask)]) == 0
+    assert main(["predict", "--run", str(run_dir.path), "--ct", str(case / "ct.nii.gz"), "--out", str(mask),
+                 "--overwrite"]) == 0
     assert "EHR omitted" in capsys.readouterr().out
 
 

@@ -9,6 +9,7 @@ A site is a folder plus a YAML file (schema in ``sites/README.md``, and for edit
     manifest: site-b.csv             # case_id, ct, pet, label, split (paths under data_root)
     spacing: [2.0, 2.0, 3.27]        # mm, the grid every case is resampled onto
     limits: {max_rank: 16}           # optional: what the site accepts, whatever the server asks
+    label_roi: GTV*                  # optional: the RTSTRUCT ROI of labels given as DICOM
 
 :func:`load_site_config` checks the whole file and raises one :class:`SiteConfigError`
 listing every problem (unknown or mistyped keys, a key given twice, missing keys), each
@@ -177,6 +178,8 @@ class SiteConfig:
     ct_window: tuple[float, float]  # HU
     pet_suv_max: float
     limits: SiteLimits = SiteLimits()  # frozen, so one shared default is safe
+    label_roi: str | None = None  # RTSTRUCT ROI / SEG segment of the labels (name, glob or regex); None: the only one
+    dicom_series: tuple[str, ...] = ()  # SeriesInstanceUIDs to pick in folders holding several series
 
     @property
     def has_ct(self) -> bool:
@@ -247,6 +250,11 @@ _KEYS: dict[str, tuple[str, str]] = {
     "clinical.time": ("survival time column (null: no survival labels)", "a column name or null"),
     "clinical.event": ("event column, 0/1 (null together with time)", "a column name or null"),
     "clinical.covariates": ("EHR columns and their kinds (order kept)", f"a mapping column -> one of {list(COVARIATE_KINDS)}"),
+    "label_roi": ("the tumour ROI of RTSTRUCT labels (the segment of DICOM-SEG labels): an exact name, a glob "
+                  "such as GTV* or a regular expression, case-insensitive (null: the file's only ROI)",
+                  "a ROI name or pattern, or null"),
+    "dicom_series": ("SeriesInstanceUIDs to use where a DICOM folder of the manifest holds several series "
+                     "(null: such a folder is an error listing them)", "a list of SeriesInstanceUID strings, or null"),
     "limits": ("what this site accepts, whatever the server asks (null: the defaults)",
                "a mapping with max_rank, pet_embed, max_upload_mb, min_examples_per_round, min_eval_cases, "
                "min_ehr_rows"),
@@ -387,6 +395,8 @@ class SiteFile(BaseModel):
     ct_window: Annotated[list[float], Field(min_length=2, max_length=2)] = _about("ct_window", DEFAULT_CT_WINDOW)
     pet_suv_max: _Positive = _about("pet_suv_max", DEFAULT_PET_SUV_MAX)
     limits: LimitsFile | None = _about("limits", None)
+    label_roi: _Text | None = _about("label_roi", None)
+    dicom_series: Annotated[list[_Text], Field(min_length=1)] | _Text | None = _about("dicom_series", None)
 
     @field_validator("modalities")
     @classmethod
@@ -456,6 +466,8 @@ class SiteFile(BaseModel):
             ct_window=(float(self.ct_window[0]), float(self.ct_window[1])),
             pet_suv_max=float(self.pet_suv_max),
             limits=SiteLimits() if self.limits is None else self.limits.resolve(),
+            label_roi=self.label_roi,
+            dicom_series=tuple(_as_list(self.dicom_series or [])),
         )
 
 

@@ -6,4 +6,8 @@
 - :mod:`pemma_core.data.inference_io`: one case in for a model, its mask out on the CT grid.
 - :mod:`pemma_core.data.clinical`: the clinical CSV reader and the EHR preprocessor.
 - :mod:`pemma_core.data.site_check`: ``pemma check-site``.
+- :mod:`pemma_core.data.volumes`: any image source (NIfTI, checked for gzip integrity; a DICOM
+  series; RTSTRUCT; DICOM-SEG) as one volume, and the per-case DICOM -> NIfTI cache.
+- :mod:`pemma_core.data.dicom`: DICOM series, SUV conversion, RTSTRUCT and DICOM-SEG reading.
+- :mod:`pemma_core.data.convert`: ``pemma convert``.
 """

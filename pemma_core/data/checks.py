@@ -1,10 +1,14 @@
 """Checks of a site's cases and clinical table, and the on-disk cache of case check results.
 
-Every case is checked before use (:func:`inspect_case`): files present and readable,
-3-D with a usable affine, finite values, CT in Hounsfield units, PET in SUV, 0/1 labels
-on their image's grid, PET and CT fields of view overlapping. Results are cached per file
-version under ``cfg.cache_dir/checks`` (:func:`cached_inspect`), so a loader called every
-round does not re-read the images.
+Every case is checked before use (:func:`inspect_case`): files present and readable
+(the whole gzip stream of a ``.nii.gz``), 3-D with a usable affine, finite values, CT in
+Hounsfield units, PET in SUV, 0/1 labels on their image's grid, PET and CT fields of view
+overlapping. A DICOM source (series folder, RTSTRUCT, DICOM-SEG) is read with
+:func:`pemma_core.data.volumes.read_volume`, whose problems (missing or duplicated
+slices, several series, uneven spacing, missing SUV tags, ROI not found, another series)
+name the file or folder and the tag; CT and PET must then share a frame of reference.
+Results are cached per file version under ``cfg.cache_dir/checks`` (:func:`cached_inspect`),
+so a loader called every round does not re-read the images.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import pandas as pd
 
 from pemma_core.config.site import SiteConfig
 from pemma_core.data.clinical import ClinicalDataError, ClinicalProblem, read_clinical
+from pemma_core.data.dicom import DicomError, tag_text
 from pemma_core.data.manifest import ROLE_NAMES, SPLITS, Case, CaseProblem, SiteDataError
+from pemma_core.data.volumes import CorruptFileError, Volume, is_dicom_source, read_volume, source_stamp, verify_gzip
 
 __all__ = [
     "inspect_case",
@@ -39,7 +45,7 @@ HU_AIR_FAT_CEILING = -100.0  # a CT in HU always holds fat (-100) or air (-1000)
 SUV_CEILING = 100.0  # SUVs above this are activity concentrations (Bq/mL), not SUV
 PARTIAL_FOV_WARNING = 0.01  # warn when more than 1% of the CT lies outside the PET field of view
 AFFINE_ATOL_MM = 1e-2  # label and image affines must agree to 0.01 mm (float32 headers)
-_CHECKS_VERSION = 1  # bump when a check changes, to invalidate cached check results
+_CHECKS_VERSION = 2  # bump when a check changes, to invalidate cached check results
 
 
 def read_site_clinical(cfg: SiteConfig) -> tuple[pd.DataFrame, list[ClinicalProblem]] | None:
@@ -66,10 +72,23 @@ class _ImageInfo:
     maximum: float
     nonfinite: int
     values: np.ndarray | None  # distinct values (labels only)
+    volume: Volume | None = None  # a DICOM source as read (the reference of an RTSTRUCT label)
 
 
-def _read_image(path: Path, role: str, case_id: str, want_values: bool) -> tuple[_ImageInfo | None, list[CaseProblem]]:
-    """Read a NIfTI fully (a truncated .gz only fails when its data is decompressed)."""
+@dataclass(frozen=True)
+class _DicomOptions:
+    """How a case's DICOM sources are read (site YAML ``label_roi``, ``dicom_series``; the conversion cache)."""
+
+    label_roi: str | None = None
+    series_uids: tuple[str, ...] = ()
+    cache_dir: Path | None = None  # None: read in memory, write nothing
+
+
+def _read_image(
+    path: Path, role: str, case_id: str, want_values: bool, options: _DicomOptions = _DicomOptions(),
+    reference: Path | Volume | None = None,
+) -> tuple[_ImageInfo | None, list[CaseProblem]]:
+    """Read a NIfTI fully (its whole gzip stream is checked: a reader stops before the CRC), or a DICOM source."""
 
     def problem(text: str) -> tuple[None, list[CaseProblem]]:
         return None, [CaseProblem(case_id, path, text)]
@@ -77,19 +96,35 @@ def _read_image(path: Path, role: str, case_id: str, want_values: bool) -> tuple
     name = ROLE_NAMES[role]
     if not path.exists():
         return problem(f"missing file ({name})")
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # nibabel/gzip/zlib/EOF errors all mean the same to a site
-        return problem(f"unreadable {name} ({type(exc).__name__}: {exc})")
+    volume = None
+    if is_dicom_source(path):
+        try:
+            volume = read_volume(path, kind=role, reference=reference, roi=options.label_roi,
+                                 series_uids=options.series_uids, cache_dir=options.cache_dir, case_id=case_id)
+        except DicomError as exc:
+            return None, [CaseProblem(case_id, p.path, f"{name}: {tag_text(p.tag)}: {p.problem}") for p in exc.problems]
+        except (ValueError, OSError) as exc:  # a damaged cached conversion, an unreadable reference...
+            return problem(f"unreadable {name} ({type(exc).__name__}: {exc})")
+        data, affine = volume.array, np.asarray(volume.affine, dtype=np.float64)
+    else:
+        try:
+            if path.name.lower().endswith(".gz"):
+                verify_gzip(path)
+            image = nib.load(str(path))
+            data = np.asanyarray(image.dataobj)
+        except CorruptFileError as exc:
+            return problem(f"unreadable {name} ({exc.reason})")
+        except Exception as exc:  # nibabel/gzip/zlib/EOF errors all mean the same to a site
+            return problem(f"unreadable {name} ({type(exc).__name__}: {exc})")
     if data.ndim != 3:
         return problem(f"{name} is {data.ndim}-D with shape {tuple(data.shape)}, expected a 3-D volume")
     if min(data.shape) < 1:
         return problem(f"{name} is empty (shape {tuple(data.shape)})")
-    header = image.header
-    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
-        return problem(f"{name} header has neither sform nor qform: voxel positions in space are unknown")
-    affine = np.asarray(image.affine, dtype=np.float64)
+    if volume is None:
+        header = image.header
+        if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+            return problem(f"{name} header has neither sform nor qform: voxel positions in space are unknown")
+        affine = np.asarray(image.affine, dtype=np.float64)
     linear = affine[:3, :3]
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-6:
         return problem(f"{name} affine is zero or singular (voxel axes {np.round(linear, 4).tolist()})")
@@ -99,7 +134,7 @@ def _read_image(path: Path, role: str, case_id: str, want_values: bool) -> tuple
     minimum = float(valid.min()) if valid.size else float("nan")
     maximum = float(valid.max()) if valid.size else float("nan")
     values = np.unique(valid) if want_values else None
-    return _ImageInfo(tuple(int(s) for s in data.shape), affine, minimum, maximum, nonfinite, values), []
+    return _ImageInfo(tuple(int(s) for s in data.shape), affine, minimum, maximum, nonfinite, values, volume), []
 
 
 def _world_box(info: _ImageInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -117,10 +152,14 @@ def _box_overlap(ct: _ImageInfo, pet: _ImageInfo) -> float:
     return float(np.prod(inter) / np.prod(ct_hi - ct_lo))
 
 
-def inspect_case(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
+def inspect_case(case: Case, cfg: SiteConfig, *, convert: bool = False) -> list[CaseProblem]:
     """Run every check on one case; returns errors and warnings (``severity``), empty when fine.
 
-    Errors: a required file not listed or missing; unreadable / truncated NIfTI; not 3-D;
+    ``convert``: keep the NIfTI conversion of DICOM sources in ``cfg.cache_dir/converted``
+    (False: read them in memory and write nothing, as ``pemma check-site`` does).
+    Errors: a required file not listed or missing; unreadable / truncated / corrupt NIfTI;
+    a DICOM source that cannot be read (every problem, naming file and tag); CT and PET
+    series in different frames of reference; not 3-D;
     no sform/qform, zero or singular affine; NaN or inf voxels; CT not in Hounsfield
     units (nothing below -100 HU, e.g. raw 0..4095 values); PET not in SUV (above 100);
     label values other than 0/1; label grid (shape or affine) different from its
@@ -131,23 +170,42 @@ def inspect_case(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
     Required files: CT if the site holds ``ct``, PET if it holds ``pet``, the label for
     ``train`` cases.
     """
-    return inspect_case_files(case, frozenset(cfg.modalities), cfg.manifest)
+    return inspect_case_files(case, frozenset(cfg.modalities), cfg.manifest, label_roi=cfg.label_roi,
+                              series_uids=cfg.dicom_series, cache_dir=cfg.cache_dir if convert else None)
 
 
-def inspect_case_files(case: Case, held: frozenset[str], manifest: Path | None = None) -> list[CaseProblem]:
-    """:func:`inspect_case` for a site holding ``held`` modalities (``manifest``: the file named by row problems)."""
+def inspect_case_files(
+    case: Case, held: frozenset[str], manifest: Path | None = None, *, label_roi: str | None = None,
+    series_uids: tuple[str, ...] = (), cache_dir: Path | None = None,
+) -> list[CaseProblem]:
+    """:func:`inspect_case` for a site holding ``held`` modalities (``manifest``: the file named by row problems).
+
+    DICOM sources: ``label_roi`` picks the RTSTRUCT ROI / SEG segment, ``series_uids`` the
+    series of a folder holding several, ``cache_dir`` keeps their NIfTI conversion
+    (:func:`pemma_core.data.volumes.materialise_case`); None reads them in memory.
+    """
     problems: list[CaseProblem] = []
     if case.split not in SPLITS:
         problems.append(CaseProblem(case.case_id, manifest, f"split {case.split!r} is not one of {list(SPLITS)}"))
     infos: dict[str, _ImageInfo] = {}
     required = {"ct": "ct" in held, "pet": "pet" in held, "label": case.split == "train"}
+    options = _DicomOptions(label_roi, tuple(series_uids), cache_dir)
+    image_role = "ct" if "ct" in held else "pet"
     for role in ("ct", "pet", "label"):
         path: Path | None = getattr(case, role)
         if path is None:
             if required[role]:
                 problems.append(CaseProblem(case.case_id, manifest, f"no {ROLE_NAMES[role]} file listed"))
             continue
-        info, found = _read_image(path, role, case.case_id, want_values=role == "label")
+        reference: Path | Volume | None = None
+        if role == "label" and is_dicom_source(path):  # an RTSTRUCT/SEG is filled onto its image's grid
+            if image_role not in infos:
+                problems.append(CaseProblem(case.case_id, path, f"label not read: its {ROLE_NAMES[image_role]} "
+                                                                "(the grid it is filled onto) is unusable"))
+                continue
+            read = infos[image_role].volume
+            reference = read if read is not None and cache_dir is None else getattr(case, image_role)  # not read twice
+        info, found = _read_image(path, role, case.case_id, role == "label", options, reference)
         problems += found
         if info is None:
             continue
@@ -182,7 +240,6 @@ def inspect_case_files(case: Case, held: frozenset[str], manifest: Path | None =
             add("label", f"label values must be 0/1, found {shown}")
         elif case.split == "train" and 1 not in label.values.tolist():
             add("label", "label is empty (no tumour voxel); crops will be background only", "warning")
-        image_role = "ct" if "ct" in held else "pet"
         image = infos.get(image_role)
         if image is not None:
             if label.shape != image.shape:
@@ -193,7 +250,12 @@ def inspect_case_files(case: Case, held: frozenset[str], manifest: Path | None =
                     f"label affine differs from the {ROLE_NAMES[image_role]} affine "
                     f"(max difference {np.abs(label.affine - image.affine).max():.3g} mm)",
                 )
-    if "ct" in infos and "pet" in infos:
+    frames = {role: infos[role].volume.dicom.get("FrameOfReferenceUID") for role in ("ct", "pet")
+              if role in infos and infos[role].volume is not None}
+    if len(frames) == 2 and frames["ct"] and frames["pet"] and frames["ct"] != frames["pet"]:
+        add("pet", f"PET: {tag_text('FrameOfReferenceUID')}: {frames['pet']} differs from the CT's {frames['ct']}: "
+                   "the two series' positions cannot be compared (registered elsewhere?)")
+    elif "ct" in infos and "pet" in infos:
         inside = _box_overlap(infos["ct"], infos["pet"])
         if inside <= 0:
             lo, hi = _world_box(infos["pet"])
@@ -219,14 +281,9 @@ def check_case(case: Case, cfg: SiteConfig) -> list[str]:
 
 
 def file_stamp(path: Path | None) -> list[Any]:
-    """What identifies a version of a file in cache keys: path, size, modification time."""
-    if path is None:
-        return [None]
-    try:
-        stat = path.stat()
-    except OSError:
-        return [str(path), "absent"]
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+    """What identifies a version of a file in cache keys: path, size, modification time (a DICOM
+    series folder: those of every file in it; :func:`pemma_core.data.volumes.source_stamp`)."""
+    return source_stamp(path)
 
 
 def _case_stamp(case: Case) -> list[Any]:
@@ -234,8 +291,10 @@ def _case_stamp(case: Case) -> list[Any]:
 
 
 def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
-    """:func:`inspect_case`, remembered in the cache folder until a file or the config changes."""
-    key_text = json.dumps([_CHECKS_VERSION, list(cfg.modalities), str(cfg.manifest), _case_stamp(case)], default=str)
+    """:func:`inspect_case`, remembered in the cache folder until a file or the config changes; DICOM
+    sources are converted into ``cfg.cache_dir/converted`` on the way (:func:`inspect_case` ``convert``)."""
+    key_text = json.dumps([_CHECKS_VERSION, list(cfg.modalities), str(cfg.manifest), cfg.label_roi,
+                           list(cfg.dicom_series), _case_stamp(case)], default=str)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     store = cfg.cache_dir / "checks" / f"{key}.json"
     if store.is_file():
@@ -246,7 +305,7 @@ def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
             ]
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is simply recomputed
-    problems = inspect_case(case, cfg)
+    problems = inspect_case(case, cfg, convert=True)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(store, json.dumps([p.to_dict() for p in problems]))

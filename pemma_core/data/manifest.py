@@ -3,6 +3,10 @@
 Columns (:data:`MANIFEST_COLUMNS`): ``case_id, ct, pet, label, split``; file paths are
 relative to the site's ``data_root`` (absolute paths are kept). A column for a modality
 the site does not hold may be absent or empty. ``split`` is one of :data:`SPLITS`.
+An image may be a NIfTI file or a DICOM series folder, a label a NIfTI or an RTSTRUCT /
+DICOM-SEG file: the cases read here name the sources as listed, and
+:func:`pemma_core.data.pipeline.site_cases` hands the loaders their NIfTI conversion
+(:func:`pemma_core.data.volumes.materialise_case`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ ROLE_NAMES = {"ct": "CT", "pet": "PET", "label": "label"}
 
 @dataclass(frozen=True)
 class Case:
-    """One row of a site manifest, paths absolute (None: not listed / modality not held)."""
+    """One row of a site manifest, paths absolute (None: not listed / modality not held); each a NIfTI,
+    a DICOM series folder (ct, pet) or an RTSTRUCT / DICOM-SEG file (label)."""
 
     case_id: str
     ct: Path | None

@@ -24,7 +24,8 @@ Batches are dicts::
     "reference_path": list[str]         the original image whose grid predictions return to
 
 Only checked cases are used (:func:`site_cases`); a bad case is skipped with a warning or
-stops the site, as the site's ``on_bad_case`` says. The deterministic part (load,
+stops the site, as the site's ``on_bad_case`` says. A case given as DICOM is converted to
+NIfTI once, into the site cache, by :func:`site_cases`. The deterministic part (load,
 resample, normalise) is cached on disk per site with MONAI's ``PersistentDataset`` under
 ``cfg.cache_dir/<preprocessing fingerprint>/``; a cache entry is keyed by the case's file
 paths, sizes and modification times, so an edited file is re-read and a changed spacing
@@ -65,6 +66,7 @@ from monai.transforms import (
 from pemma_core.config.site import DEFAULT_CT_WINDOW, DEFAULT_PET_SUV_MAX, SiteConfig
 from pemma_core.data.checks import cached_inspect, file_stamp, read_site_clinical
 from pemma_core.data.manifest import IMAGE_KEYS, SPLITS, BadCaseError, Case, CaseProblem, SiteDataError, read_manifest
+from pemma_core.data.volumes import materialise_case
 
 __all__ = [
     "Preprocessing",
@@ -114,8 +116,10 @@ def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], l
     """The site's usable cases (manifest order) and the problems of those left out.
 
     ``split`` selects one split (None: all). Every case is checked (results cached per
-    file version in ``cfg.cache_dir/checks``). With ``on_bad_case: skip`` a bad case is
-    left out with a logged warning and its errors are returned in ``problems`` (one
+    file version in ``cfg.cache_dir/checks``). DICOM sources (series folders, RTSTRUCT,
+    DICOM-SEG) come back as their NIfTI conversion in ``cfg.cache_dir/converted/<case_id>/``
+    (:func:`pemma_core.data.volumes.materialise_case`), so every loader reads NIfTI. With
+    ``on_bad_case: skip`` a bad case is left out with a logged warning and its errors are returned in ``problems`` (one
     entry per error; count distinct ``case_id`` for the number of cases skipped); with
     ``fail`` :class:`BadCaseError` is raised listing every error of every bad case.
     Warnings are logged (once per process), not returned.
@@ -139,6 +143,11 @@ def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], l
         for warning in (p for p in found if p.severity == "warning"):
             _warn_once(cfg, str(warning))
         case_errors = [p for p in found if p.severity == "error"]
+        if not case_errors:
+            try:  # DICOM sources -> their NIfTI conversion in the cache (done once, by the checks above)
+                case = materialise_case(case, cfg.cache_dir, label_roi=cfg.label_roi, series_uids=cfg.dicom_series)
+            except (ValueError, OSError) as exc:  # the series changed since it was checked
+                case_errors = [CaseProblem(case.case_id, None, f"DICOM conversion failed: {exc}")]
         if case_errors:
             errors += case_errors
         else:
