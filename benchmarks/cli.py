@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from benchmarks.config import DEFAULT_SITES_DIR, default
     from pemma_core.aggregation import RULES
     from pemma_core.config.run import RunSettings
+    from pemma_core.protocol import WIRE_DTYPES
 
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out)")
     parser.add_argument("--quick", action="store_true",
@@ -69,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fed-aggregation", choices=RULES, default=default("fed_aggregation"),
                         help="how the server combines the federated row's site updates (default "
                              f"{default('fed_aggregation')}, the product default; recorded in the row)")
+    parser.add_argument("--fed-wire-dtype", choices=tuple(WIRE_DTYPES), default=default("fed_wire_dtype"),
+                        help="tensor dtype on the wire of the federated row (int8: blockwise absmax quantisation; "
+                             f"default {default('fed_wire_dtype')}, the product default)")
     parser.add_argument("--lr-backbone", type=float, default=default("lr_backbone"),
                         help=f"CT backbone and CNN learning rate (default {default('lr_backbone'):g})")
     parser.add_argument("--lr-full", type=float, default=default("lr_full"),

@@ -82,6 +82,7 @@ class BenchConfig:
     audit: str = "all"  # "all" CT+PET cases, or "named" (README quirk cases only)
     fed_engine: str = "simulation"  # "simulation" (Flower + Ray) | "inprocess" (tests)
     fed_aggregation: str = field(default_factory=lambda: RunSettings.default("aggregation"))  # federated row's rule
+    fed_wire_dtype: str = field(default_factory=lambda: RunSettings.default("wire_dtype"))  # federated row's tensors on the wire
     threads: int | None = None
     threads_reason: str = "given"
     sites_dir: Path = DEFAULT_SITES_DIR
@@ -155,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         audit="named" if args.quick else "all",
         fed_engine=args.fed_engine,
         fed_aggregation=args.fed_aggregation,
+        fed_wire_dtype=args.fed_wire_dtype,
         threads=args.threads,
         sites_dir=args.sites_dir.expanduser().resolve(),
         data_root=args.data_root,

@@ -47,7 +47,7 @@ def _settings(bench: BackboneBench, run_dir: Path) -> RunSettings:
         backbone=bench.name, preset=config.preset, adapter="lora", rank=bench.spec.rank, alpha=bench.spec.alpha,
         rounds=bench.budget.fed_rounds, local_steps=bench.budget.fed_local_steps, lr=config.lr_adapter,
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
-        seed=config.seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation,
+        seed=config.seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
 

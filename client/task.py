@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import zlib
 from collections.abc import Mapping
@@ -48,6 +49,9 @@ from pemma_core.model.spec import FULL_GROUP, ModelSpec, build_backbone
 from pemma_core.modes import servable_modes
 from pemma_core.phantoms.coordination import ensure_phantom_federation
 from pemma_core.protocol import Instruction, MessageType, Reply
+
+
+log = logging.getLogger("pemma.site")
 
 
 class BackboneMismatchError(RuntimeError):
@@ -117,10 +121,19 @@ def load_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run
     return _SITES[key]
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(site: SiteConfig) -> str:
+    """Where ``site`` trains: its ``device``, with ``auto`` meaning CUDA when PyTorch sees a GPU, else
+    CPU (said once per site and device, so hospital IT can see which it got)."""
+    device = site.device
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (site.name, device) not in _ANNOUNCED:
+        _ANNOUNCED.add((site.name, device))
+        log.info("site %s trains on %s (device: %s in %s)", site.name, device, site.device, site.path)
     return device
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
 
 
 def site_seed(seed: int, round_: int, site: str) -> int:
@@ -325,7 +338,7 @@ def train_site(
     setup = time.perf_counter() - start
     result = train_local(
         model, loader, modes, steps=instruction.local_steps, lr=instruction.lr, seed=seed,
-        device=resolve_device(site.device),
+        device=resolve_device(site),
     )
     groups = model.param_groups
     may_send = allowed_groups(site)
@@ -359,7 +372,7 @@ def evaluate_site(
     model = build_site_model(site, node_config, instruction, arrays)
     modes = site_modes(site)
     loader = _loaders().eval_loader(site, split="test")
-    result = evaluate(model, loader, modes, device=resolve_device(site.device))
+    result = evaluate(model, loader, modes, device=resolve_device(site))
     cases = {mode: len(per_case) for mode, per_case in result.per_case.items()}
     floor = site.limits.min_eval_cases
     reported = {mode: dice for mode, dice in result.dice.items() if cases[mode] >= floor}
@@ -392,7 +405,7 @@ def pretrain_site(site: SiteConfig, instruction: Instruction, arrays: Mapping[st
     loader = _loaders().train_loader(site, spec.roi_size, batch_size=int(instruction.batch_size), split="train", seed=seed)
     setup = time.perf_counter() - start
     result = train_backbone(backbone, loader, steps=instruction.local_steps, lr=instruction.lr, seed=seed,
-                            device=resolve_device(site.device))
+                            device=resolve_device(site))
     sent = {k: v for k, v in backbone.cpu().state_dict().items() if k in floating and k in arrays}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
     refuse_large_upload(site, out)

@@ -21,7 +21,8 @@ code); it is the one place that names:
   reply to ``query.ehr_stats``: the JSON of :func:`pemma_core.data.clinical.partial_stats`,
   aggregates of its EHR training rows); and no case id of the site in any metric name or
   config value;
-* the **wire form of tensors**: ``float32`` or ``float16`` (``wire-dtype``) on the wire,
+* the **wire form of tensors**: ``float32``, ``float16`` or ``int8`` (``wire-dtype``; int8:
+  blockwise absmax quantisation, each tensor's scales under :func:`scales_name`) on the wire,
   always ``float32`` once received so the server averages in full precision.
 
 Plain numpy/torch and dictionaries: no flwr import (``pemma_core`` never imports flwr).
@@ -380,15 +381,19 @@ def reply_problems(
 ) -> list[str]:
     """Reasons ``reply`` (to a message of type ``kind``) is not what :data:`REPLIES` allows.
 
-    ``reply.arrays`` maps names to anything with a ``shape``; ``sent_keys`` is the key set
-    the server sent; ``case_ids`` (known at a site) are searched for in every metric name
-    and every config value.
+    ``reply.arrays`` maps names to anything with a ``shape`` (its wire form: an int8 tensor
+    comes with its scales, see :func:`wire_form_problems`); ``sent_keys`` is the key set the
+    server sent (its int8 scales' names may be in it); ``case_ids`` (known at a site) are
+    searched for in every metric name and every config value.
     """
     allowed = REPLIES[kind]
     problems: list[str] = []
-    sent = set(sent_keys) if allowed.tensors else set()
+    # The server's tensors, without their int8 scales (a site passes what it received, scales included).
+    sent = {k for k in sent_keys if not is_scales_name(k)} if allowed.tensors else set()
     for name, value in reply.arrays.items():
-        if name not in sent:
+        if is_scales_name(name) and name.removesuffix(SCALES_SUFFIX) not in sent:
+            problems.append(f"scales {name!r} are not the scales of a tensor the server sent")
+        elif not is_scales_name(name) and name not in sent:
             problems.append(f"tensor {name!r} is not one of the tensors the server sent")
         shape = tuple(getattr(value, "shape", ()))
         if looks_like_image(shape, roi_size):
@@ -396,6 +401,7 @@ def reply_problems(
         dtype = getattr(value, "dtype", None)
         if dtype is not None and not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
             problems.append(f"tensor {name!r} has dtype {dtype}, expected a float or integer tensor")
+    problems += wire_form_problems(reply.arrays)  # int8 tensors with valid scales, no stray scales
     for key, value in reply.metrics.items():
         if key not in allowed.metrics:  # exact names: "loss-case-007" is not "loss"
             problems.append(f"metric {str(key)[:80]!r} is not an aggregate metric name")
@@ -431,11 +437,28 @@ def check_reply(
 
 # ----------------------------------------------------------------------------- tensors
 
-WIRE_DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float16": np.float16}
+WIRE_DTYPES: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+
+# int8 transport: each floating tensor is cut, flattened, into blocks of INT8_BLOCK consecutive elements;
+# a block travels as int8 values round(127 * x / absmax) and its absmax (float32) under the tensor's
+# companion name (:func:`scales_name`). Dequantised, every element is within absmax / 127 / 2 of its value.
+INT8_BLOCK = 64
+SCALES_SUFFIX = "::absmax"  # reserved: no state_dict key holds "::" (torch joins module names with ".")
+_INT8_LEVELS = 127  # symmetric: -128 is never used, so -x quantises to -q
+
+
+def scales_name(name: str) -> str:
+    """The wire name of the per-block absmax scales of the int8 tensor ``name``."""
+    return name + SCALES_SUFFIX
+
+
+def is_scales_name(name: str) -> bool:
+    """True for a companion name (:func:`scales_name`): scales, not a tensor of the model."""
+    return name.endswith(SCALES_SUFFIX)
 
 
 def check_wire_dtype(name: str) -> str:
-    """``name`` if it is a wire dtype (``float32`` or ``float16``), else ``ValueError``."""
+    """``name`` if it is a wire dtype (``float32``, ``float16`` or ``int8``), else ``ValueError``."""
     if name not in WIRE_DTYPES:
         raise ValueError(f"unknown wire-dtype {name!r}: expected one of {', '.join(WIRE_DTYPES)}")
     return name
@@ -449,26 +472,106 @@ def _as_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(value)
 
 
+def _blocks(size: int) -> int:
+    return -(-size // INT8_BLOCK)
+
+
+def quantize_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values of ``array``'s shape, float32 absmax per block of :data:`INT8_BLOCK` flattened elements)."""
+    flat = np.asarray(array, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("cannot quantise a tensor holding NaN or infinite values to int8")
+    padded = np.zeros(_blocks(flat.size) * INT8_BLOCK)
+    padded[: flat.size] = flat
+    blocks = padded.reshape(-1, INT8_BLOCK)
+    absmax = np.abs(blocks).max(axis=1).astype(np.float32)
+    divisor = np.where(absmax > 0, absmax, 1.0).astype(np.float64)[:, None]  # an all-zero block stays zero
+    levels = np.clip(np.rint(blocks / divisor * _INT8_LEVELS), -_INT8_LEVELS, _INT8_LEVELS)
+    return levels.ravel()[: flat.size].astype(np.int8).reshape(np.shape(array)), absmax
+
+
+def dequantize_int8(values: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+    """The float32 tensor that :func:`quantize_int8` returned ``(values, absmax)`` for."""
+    flat = np.asarray(values).ravel().astype(np.float32)
+    step = np.repeat(np.asarray(absmax, dtype=np.float32) / np.float32(_INT8_LEVELS), INT8_BLOCK)[: flat.size]
+    return (flat * step).reshape(np.shape(values))
+
+
+def _scales_problem(name: str, values: Any, scales: Any) -> str | None:
+    """Why ``scales`` are not valid absmax scales for the int8 tensor ``values`` (named ``name``), or None."""
+    dtype, shape = getattr(values, "dtype", None), tuple(getattr(values, "shape", ()))
+    if dtype is None or np.dtype(dtype) != np.int8:
+        return f"scales {scales_name(name)!r} come with tensor {name!r} of dtype {dtype}, expected int8"
+    expected = _blocks(int(np.prod(shape, dtype=np.int64)))
+    scale_shape = tuple(getattr(scales, "shape", ()))
+    if getattr(scales, "dtype", None) != np.float32 or scale_shape != (expected,):
+        return (f"scales {scales_name(name)!r} are {getattr(scales, 'dtype', None)} of shape {scale_shape}, "
+                f"expected float32 of shape ({expected},): one per block of {INT8_BLOCK} elements of {name!r}")
+    scales = np.asarray(scales)
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        return f"scales {scales_name(name)!r} of tensor {name!r} are not all finite and >= 0"
+    return None
+
+
+def wire_form_problems(arrays: Mapping[str, Any]) -> list[str]:
+    """Reasons ``arrays`` are not a valid wire form: an int8 tensor travels with valid scales
+    (:func:`scales_name`), and scales travel only with their int8 tensor."""
+    problems: list[str] = []
+    for name, value in arrays.items():
+        if is_scales_name(name):
+            base = name.removesuffix(SCALES_SUFFIX)
+            if base not in arrays:
+                problems.append(f"scales {name!r} travel without their tensor {base!r}")
+            elif (problem := _scales_problem(base, arrays[base], value)) is not None:
+                problems.append(problem)
+        elif getattr(value, "dtype", None) == np.int8 and scales_name(name) not in arrays:
+            problems.append(f"int8 tensor {name!r} travels without its scales {scales_name(name)!r}")
+    return problems
+
+
 def to_wire(state: Mapping[str, torch.Tensor | np.ndarray], wire_dtype: str = "float32") -> dict[str, np.ndarray]:
     """Tensors as numpy arrays in their wire form.
 
-    Floating tensors are cast to ``wire_dtype``; integer tensors (e.g. a counter buffer)
-    travel unchanged. Arrays are copied, so the caller's tensors are never aliased.
+    Floating tensors are cast to ``wire_dtype``; for ``int8`` each becomes int8 values plus
+    its scales (:func:`quantize_int8`, under :func:`scales_name`). Integer tensors (e.g. a
+    counter buffer) travel unchanged, except int8 ones: int8 on the wire means quantised, so
+    an int8 state tensor is refused (``ValueError``). Arrays are copied, never aliased.
     """
     dtype = WIRE_DTYPES[check_wire_dtype(wire_dtype)]
     out: dict[str, np.ndarray] = {}
     for name, value in state.items():
         array = _as_numpy(value)
-        out[name] = array.astype(dtype, copy=True) if np.issubdtype(array.dtype, np.floating) else array.copy()
+        if is_scales_name(name):
+            raise ValueError(f"tensor name {name!r} ends in the reserved {SCALES_SUFFIX!r} of int8 scales")
+        if not np.issubdtype(array.dtype, np.floating):
+            if array.dtype == np.int8:
+                raise ValueError(f"tensor {name!r} is int8: on the wire int8 means quantised, send it as a wider integer")
+            out[name] = array.copy()
+        elif dtype is np.int8:
+            try:
+                out[name], out[scales_name(name)] = quantize_int8(array)
+            except ValueError as exc:
+                raise ValueError(f"tensor {name!r}: {exc}") from exc
+        else:
+            out[name] = array.astype(dtype, copy=True)
     return out
 
 
 def from_wire(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Received arrays with every floating one widened to ``float32`` (what the server averages in)."""
+    """Received arrays as tensors: int8 ones dequantised with their scales, every floating one
+    ``float32`` (what the server averages in); ``ValueError`` naming each problem of a malformed wire form."""
+    problems = wire_form_problems(arrays)
+    if problems:
+        raise ValueError("malformed wire form: " + "; ".join(problems))
     out: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
         array = np.asarray(value)
-        out[name] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+        if is_scales_name(name):
+            continue
+        if array.dtype == np.int8:
+            out[name] = dequantize_int8(array, np.asarray(arrays[scales_name(name)]))
+        else:
+            out[name] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
     return out
 
 
@@ -480,7 +583,7 @@ def to_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Bytes of tensor data (what dominates a message's size)."""
+    """Bytes of tensor data, int8 scales included (what dominates a message's size)."""
     return int(sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
@@ -514,22 +617,29 @@ __all__ = [
     "WireViolation",
     "check_reply",
     "check_wire_dtype",
+    "dequantize_int8",
     "declared_metrics",
     "declared_of",
     "dice_of",
     "examples_metrics",
     "examples_of",
     "from_wire",
+    "INT8_BLOCK",
+    "is_scales_name",
     "install_config",
     "looks_like_image",
     "metric_range",
     "metric_value_problem",
     "payload_bytes",
+    "quantize_int8",
     "preprocessing_json",
     "read_preprocessing",
     "read_install_config",
     "reply_meta",
     "reply_problems",
+    "scales_name",
+    "SCALES_SUFFIX",
     "to_tensors",
     "to_wire",
+    "wire_form_problems",
 ]

@@ -178,7 +178,7 @@ class PemmaStrategy(FedAvg):
     outlier_factor: automatic bound: a site whose update, per element, moved a group more
         than this many times the round's median is rejected (None: off).
     rule: how each group is combined (:data:`pemma_core.aggregation.RULES`).
-    wire_dtype: ``float32`` or ``float16``: the dtype of tensors on the wire.
+    wire_dtype: ``float32``, ``float16`` or ``int8`` (blockwise absmax, with scales): tensors on the wire.
     round_offset: rounds already done (``--resume``): Flower's round ``r`` is global
         round ``round_offset + r``.
     evaluate: run federated evaluation (Dice per site and mode) after each round.
@@ -326,11 +326,16 @@ class PemmaStrategy(FedAvg):
             claimed = str(reply.meta.get(protocol.FINGERPRINT))
             reasons.append(f"site {name!r}: trained on backbone {claimed[:12]}..., not {fingerprint[:12]}...")
         for key, array in reply.arrays.items():
-            if np.issubdtype(array.dtype, np.floating) and array.dtype != np.dtype(self.wire_dtype):
+            # A floating global tensor comes back in the run's wire dtype (int8: its valid scales are
+            # reply_problems' check); a site sending float32 in an int8 run (or int8 in a float run) is refused.
+            floating = key in self.global_state and np.issubdtype(self.global_state[key].dtype, np.floating)
+            if not protocol.is_scales_name(key) and (floating or np.issubdtype(array.dtype, np.floating)) \
+                    and array.dtype != np.dtype(self.wire_dtype):
                 reasons.append(f"site {name!r}: tensor {key!r} is {array.dtype} on the wire, expected {self.wire_dtype}")
         if reasons:
             return None, reasons
-        return SiteUpdate(site=name, tensors=reply.arrays, examples=protocol.examples_of(reply.metrics)), []
+        tensors = protocol.from_wire(reply.arrays)  # checked above: int8 tensors dequantised with their scales
+        return SiteUpdate(site=name, tensors=tensors, examples=protocol.examples_of(reply.metrics)), []
 
     def _identity_problems(self, node: int, reply: Reply) -> list[str]:
         if self.roster is None or node not in self.roster.members:

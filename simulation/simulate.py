@@ -174,6 +174,21 @@ def _start_ray(cpus: int, verbose: bool) -> None:
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
+def backend_config(cpus: int) -> dict[str, Any]:
+    """Flower's Ray backend config: what each simulated site (SuperNode) reserves.
+
+    One site at a time, each with every core: no oversubscription, reproducible timing (Ray
+    itself, with ``cpus`` cores, is started by :func:`_start_ray`). Where PyTorch sees a GPU
+    each site also reserves one whole GPU: Ray (2.55, by default) hides every GPU from a worker that reserved
+    none, so without it ``device: auto`` would silently train on the CPU. Sites still run one
+    at a time (each asks for every core), so a fractional share would buy no concurrency.
+    """
+    import torch
+
+    gpus = 1.0 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0.0
+    return {"client_resources": {"num_cpus": cpus, "num_gpus": gpus}}
+
+
 def site_names(sites: list[Path]) -> list[str]:
     """The ``name`` of each site YAML."""
     from pemma_core.config.site import load_site_config
@@ -241,9 +256,7 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
             server_app=make_server_app(overrides, progress=_recording(settings.run_dir, adversaries, print_round)),
             client_app=make_client_app(overrides, mods=mods),
             num_supernodes=len(sites),
-            # One site at a time, each with every core: no oversubscription, reproducible timing
-            # (Ray itself, with `cpus` cores, was started by _start_ray).
-            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
+            backend_config=backend_config(cpus),
             verbose_logging=verbose,
         )
     run = RunDir(settings.run_dir)

@@ -44,3 +44,12 @@ def ibsi_root() -> Path:
     root = Path(os.environ.get("PEMMA_IBSI_ROOT") or REPO.parent / "shared" / "data" / "ibsi-sts")
     assert (root / "manifest.csv").is_file(), f"IBSI data not found at {root} (set PEMMA_IBSI_ROOT)"
     return root
+
+
+@pytest.fixture()
+def flower_identity() -> None:
+    """Flower's TaskIdentity set as a SuperLink's, so that tests can build ``Message`` objects
+    (the in-process grid sets it the same way the simulation engine does)."""
+    from simulation.inprocess import InProcessGrid
+
+    InProcessGrid(client_app=None, node_configs=[])

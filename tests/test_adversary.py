@@ -30,8 +30,8 @@ EVALUATE, EHR, INSTALL = protocol.EVALUATE.name, protocol.EHR_STATS.name, protoc
 
 
 @pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    InProcessGrid(client_app=None, node_configs=[])  # sets Flower's TaskIdentity so Message() works
+def _task_identity(flower_identity: None) -> None:
+    """Every test here builds Flower messages."""
 
 
 @pytest.fixture()

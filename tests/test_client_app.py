@@ -148,3 +148,20 @@ def test_ehr_statistics_below_the_floor_are_withheld(phantom_federation) -> None
     assert "ehr-stats" in sent.meta and "withheld" not in sent.meta
     withheld = task.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=10)))
     assert "ehr-stats" not in withheld.meta and "fewer than min_ehr_rows 10" in withheld.meta["withheld"]
+
+
+def test_device_auto_is_cuda_when_a_gpu_is_seen_and_says_which(site_yaml: Path, monkeypatch, caplog) -> None:
+    import logging
+
+    site = load_site_config(site_yaml)
+    assert site.device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="pemma.site"):
+        assert task.resolve_device(site) == "cuda"
+    assert "site-a trains on cuda (device: auto" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert task.resolve_device(site) == "cpu"
+    pinned = load_site_config(_with_limits(site_yaml))  # a copy; then pin the device
+    pinned = type(pinned)(**{**pinned.__dict__, "device": "cpu"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task.resolve_device(pinned) == "cpu"

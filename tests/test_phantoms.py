@@ -228,3 +228,23 @@ def test_cli_modalities_option(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for site in ("site-1", "site-2"):
         assert yaml.safe_load((out / site / "site.yaml").read_text())["modalities"] == ["ct", "pet"]
     assert pemma(["phantoms", str(tmp_path / "x"), "--modalities", "ct+mri"]) == 2
+
+
+def test_phantom_sites_train_on_a_gpu_when_the_node_has_one(phantom_federation: Federation) -> None:
+    for yaml_path in phantom_federation.site_yamls:
+        assert yaml.safe_load(yaml_path.read_text())["device"] == "auto"
+        assert load_site_config(yaml_path).device == "auto"
+
+
+@pytest.mark.parametrize(("available", "count", "gpus"), [(True, 1, 1.0), (True, 4, 1.0), (False, 0, 0.0)])
+def test_simulated_sites_reserve_a_gpu_only_where_one_is_visible(
+    monkeypatch: pytest.MonkeyPatch, available: bool, count: int, gpus: float
+) -> None:
+    # The pure backend config only: no Ray, no Flower is started.
+    import torch
+
+    from simulation.simulate import backend_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert backend_config(cpus=6) == {"client_resources": {"num_cpus": 6, "num_gpus": gpus}}

@@ -216,3 +216,109 @@ def test_join_reply_declares_training_cases() -> None:
     bad = Reply(metrics={"train-cases-ct": -3}, meta={"site": "a", "fingerprint": "x"})
     problems = protocol.reply_problems(JOIN, bad, (), ROI)
     assert any("is not a count" in p for p in problems) and any("'fingerprint' may not cross" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------- int8 transport
+
+
+def _int8_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Floating tensors whose size is not a multiple of the block (a partial last block), and a counter."""
+    return {"lora": (rng.normal(size=(5, 37)) * 3).astype(np.float32), "bias": np.zeros(3, dtype=np.float32),
+            "count": np.array([7], dtype=np.int64)}
+
+
+def _block_bound(array: np.ndarray) -> np.ndarray:
+    """Per element: absmax of its block / 127 / 2, the promised int8 rounding error."""
+    flat = array.astype(np.float64).ravel()
+    blocks = np.pad(flat, (0, -flat.size % protocol.INT8_BLOCK)).reshape(-1, protocol.INT8_BLOCK)
+    return np.repeat(np.abs(blocks).max(axis=1) / 127 / 2, protocol.INT8_BLOCK)[: flat.size].reshape(array.shape)
+
+
+def test_int8_transport_roundtrip_is_within_half_a_step_per_block() -> None:
+    state = _int8_state(np.random.default_rng(0))
+    sent = protocol.to_wire(state, "int8")
+    assert set(sent) == {"lora", "lora::absmax", "bias", "bias::absmax", "count"}
+    assert sent["lora"].dtype == np.int8 and sent["lora"].shape == (5, 37)
+    assert sent["lora::absmax"].dtype == np.float32 and sent["lora::absmax"].shape == (-(-5 * 37 // protocol.INT8_BLOCK),)
+    assert sent["count"].dtype == np.int64 and sent["count"][0] == 7  # counters are not quantised
+    back = protocol.from_wire(sent)
+    assert set(back) == set(state) and back["lora"].dtype == np.float32
+    error = np.abs(back["lora"].astype(np.float64) - state["lora"])
+    assert np.all(error <= _block_bound(state["lora"]) * (1 + 1e-5))
+    assert error.max() > 0  # really quantised, not passed through
+    np.testing.assert_array_equal(back["bias"], 0)  # an all-zero block stays exactly zero
+    assert protocol.payload_bytes(sent) < protocol.payload_bytes(protocol.to_wire(state, "float32")) / 3
+    tensors = protocol.to_tensors(sent)
+    assert set(tensors) == set(state) and tensors["lora"].dtype == torch.float32
+
+
+def test_a_federated_average_of_int8_updates_is_within_the_bound_of_the_float32_average() -> None:
+    rng = np.random.default_rng(1)
+    updates = [(rng.normal(size=(8, 40)) * scale).astype(np.float32) for scale in (0.5, 1.0, 2.0)]
+    weights = np.array([3.0, 1.0, 2.0]) / 6.0
+    exact = sum(w * u.astype(np.float64) for w, u in zip(weights, updates, strict=True))
+    received = [protocol.from_wire(protocol.to_wire({"x": u}, "int8"))["x"].astype(np.float64) for u in updates]
+    average = sum(w * r for w, r in zip(weights, received, strict=True))
+    bound = sum(w * _block_bound(u) for w, u in zip(weights, updates, strict=True))
+    assert np.all(np.abs(average - exact) <= bound * (1 + 1e-5))
+
+
+def test_int8_refuses_non_finite_tensors_and_int8_state_tensors() -> None:
+    with pytest.raises(ValueError, match="'x'.*NaN"):
+        protocol.to_wire({"x": np.array([1.0, np.nan], dtype=np.float32)}, "int8")
+    with pytest.raises(ValueError, match="'c' is int8"):
+        protocol.to_wire({"c": np.zeros(2, dtype=np.int8)}, "float32")
+    with pytest.raises(ValueError, match="reserved"):
+        protocol.to_wire({"x::absmax": np.zeros(2, dtype=np.float32)}, "float32")
+
+
+def _malformed(sent: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
+    out = dict(sent)
+    if fault == "missing scales":
+        del out["lora::absmax"]
+    elif fault == "wrong length":
+        out["lora::absmax"] = out["lora::absmax"][:-1]
+    elif fault == "NaN scales":
+        out["lora::absmax"] = np.full_like(out["lora::absmax"], np.nan)
+    elif fault == "negative scales":
+        out["lora::absmax"] = -out["lora::absmax"]
+    elif fault == "stray scales":
+        del out["lora"]
+    elif fault == "scales of a float tensor":
+        out["lora"] = out["lora"].astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize(("fault", "problem"), [
+    ("missing scales", "int8 tensor 'lora' travels without its scales 'lora::absmax'"),
+    ("wrong length", "expected float32 of shape (3,)"),
+    ("NaN scales", "are not all finite and >= 0"),
+    ("negative scales", "are not all finite and >= 0"),
+    ("stray scales", "scales 'lora::absmax' travel without their tensor 'lora'"),
+    ("scales of a float tensor", "come with tensor 'lora' of dtype float32, expected int8"),
+])
+def test_a_malformed_int8_reply_is_refused(fault: str, problem: str) -> None:
+    sent = protocol.to_wire(_int8_state(np.random.default_rng(2)), "int8")
+    reply = Reply(_malformed(sent, fault), {"num-examples": 1}, {"site": "site-1"})
+    problems = protocol.reply_problems(TRAIN["adapt"], reply, ["lora", "bias", "count"], ROI)
+    assert len(problems) == 1 and problem in problems[0], problems
+    with pytest.raises(ValueError, match="malformed wire form"):
+        protocol.from_wire(reply.arrays)
+
+
+def test_int8_scales_are_accepted_only_for_tensors_the_server_sent() -> None:
+    sent = protocol.to_wire(_int8_state(np.random.default_rng(3)), "int8")
+    reply = Reply(sent, {"num-examples": 1}, {"site": "site-1"})
+    # The server checks against its own keys; a site against what it received, scales included.
+    assert protocol.reply_problems(TRAIN["adapt"], reply, ["lora", "bias", "count"], ROI) == []
+    assert protocol.reply_problems(TRAIN["adapt"], reply, sent.keys(), ROI) == []
+    problems = protocol.reply_problems(TRAIN["adapt"], reply, ["bias", "count", "lora::absmax"], ROI)
+    assert problems == ["tensor 'lora' is not one of the tensors the server sent",
+                        "scales 'lora::absmax' are not the scales of a tensor the server sent"]
+
+
+def test_int8_is_a_wire_dtype_of_the_run_settings() -> None:
+    from pemma_core.config.run import RunSettings
+
+    assert protocol.check_wire_dtype("int8") == "int8"
+    assert RunSettings(wire_dtype="int8").wire_dtype == "int8"

@@ -39,14 +39,14 @@ def test_pyproject_run_config_is_the_models_defaults_key_by_key() -> None:
 def test_every_bad_key_is_reported_at_once_naming_the_key_and_what_it_expects() -> None:
     with pytest.raises(RunConfigError) as error:
         RunSettings.from_run_config({"rank": "eight", "evaluate": "nope", "lr": -1.0, "num-server-rounds": 0,
-                                     "wire-dtype": "int8", "local-step": 3})
+                                     "wire-dtype": "bfloat16", "local-step": 3})
     message = str(error.value)
     for line in (
         "rank: expected a whole number >= 1, got 'eight'",
         "evaluate: expected true or false, got 'nope'",
         "lr: expected a number > 0, got -1.0",
         "num-server-rounds: expected a whole number >= 1, got 0",
-        "wire-dtype: expected one of 'float32', 'float16', got 'int8'",
+        "wire-dtype: expected one of 'float32', 'float16', 'int8', got 'bfloat16'",
         "local-step: unknown run config key (did you mean 'local-steps'?)",
     ):
         assert line in message

@@ -24,8 +24,8 @@ def global_state() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    InProcessGrid(client_app=None, node_configs=[])  # sets Flower's TaskIdentity so Message() works
+def _task_identity(flower_identity: None) -> None:
+    """Every test here builds Flower messages."""
 
 
 PET_SITE = {"ct": 100, "pet": 100, "ehr": 0, "survival": 100}  # declared training cases: every adapt group allowed

@@ -44,7 +44,8 @@ def test_minimal_yaml_gets_documented_defaults(tmp_path: Path) -> None:
     assert cfg.spacing == DEFAULT_SPACING
     assert cfg.patch_size is None
     assert cfg.cache_dir == (tmp_path / "cache" / "s").resolve()
-    assert cfg.device == "cpu"
+    assert cfg.device == "auto"  # CUDA on a GPU node, else CPU (client.task.resolve_device)
+    assert cfg.loader_workers == 0
     assert cfg.on_bad_case == "skip"
     assert cfg.ct_window == DEFAULT_CT_WINDOW
     assert cfg.pet_suv_max == DEFAULT_PET_SUV_MAX
@@ -111,6 +112,8 @@ def test_clinical_without_survival(tmp_path: Path) -> None:
         ("patch_size: [32, 32.5, 32]\n", "patch_size", "positive integers"),
         ("on_bad_case: ignore\n", "on_bad_case", "skip"),
         ("device: gpu\n", "device", "cuda"),
+        ("loader_workers: -1\n", "loader_workers", "whole number >= 0"),
+        ("loader_workers: 2.5\n", "loader_workers", "whole number >= 0"),
         ("ct_window: [300, -200]\n", "ct_window", "low < high"),
         ("ct_window: -200\n", "ct_window", "low < high"),
         ("pet_suv_max: 0\n", "pet_suv_max", "positive number"),
@@ -365,3 +368,17 @@ def test_phantom_site_yamls_load(phantom_federation) -> None:
 
             stats, _ = site_ehr_stats(cfg, min_rows=cfg.limits.min_ehr_rows)
             assert stats is not None and min(present_counts(stats).values()) == cfg.limits.min_ehr_rows
+
+
+def test_loader_workers_is_read_and_used_by_the_loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pemma_core.data import pipeline
+
+    cfg = load_site_config(write_yaml(tmp_path, MINIMAL + "loader_workers: 2\n"))
+    assert cfg.loader_workers == 2
+    # The loaders take the site's setting unless the caller names a count (cases and cache stubbed out:
+    # only the worker count is under test).
+    monkeypatch.setattr(pipeline, "_usable_or_raise", lambda *args, **kwargs: [])
+    monkeypatch.setattr(pipeline, "cached_dataset", lambda *args, **kwargs: [{}])
+    assert pipeline.eval_loader(cfg).num_workers == 2
+    assert pipeline.eval_loader(cfg, num_workers=0).num_workers == 0
+    assert pipeline.train_loader(cfg, (8, 8, 8)).num_workers == 2

@@ -180,6 +180,7 @@ class SiteConfig:
     limits: SiteLimits = SiteLimits()  # frozen, so one shared default is safe
     label_roi: str | None = None  # RTSTRUCT ROI / SEG segment of the labels (name, glob or regex); None: the only one
     dicom_series: tuple[str, ...] = ()  # SeriesInstanceUIDs to pick in folders holding several series
+    loader_workers: int = 0  # DataLoader worker processes for this site's loaders; 0: load in the training process
 
     @property
     def has_ct(self) -> bool:
@@ -241,7 +242,10 @@ _KEYS: dict[str, tuple[str, str]] = {
     "spacing": ("mm, the grid every case is resampled onto (one number: isotropic)", "a list of 3 positive numbers (mm)"),
     "patch_size": ("training crop in voxels (null: the model preset's crop)", "a list of 3 positive integers (voxels), or null"),
     "cache_dir": ("preprocessed cases and check results (default: cache/<name> beside the YAML)", "a folder path"),
-    "device": ("where the site trains", "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
+    "device": ("where the site trains (auto: CUDA when a GPU is visible, else CPU)",
+               "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"),
+    "loader_workers": ("DataLoader worker processes that read and augment cases beside training (0: in the training "
+                       "process; on a GPU node a few workers keep the GPU fed)", "a whole number >= 0"),
     "on_bad_case": ("skip: leave bad cases out with a warning; fail: stop the site", f"one of {list(ON_BAD_CASE)}"),
     "ct_window": ("CT normalisation window (HU)", "a list [low, high] of HU values with low < high"),
     "pet_suv_max": ("PET normalisation ceiling (SUV)", "a positive number (SUV)"),
@@ -390,7 +394,8 @@ class SiteFile(BaseModel):
         "patch_size", None
     )
     cache_dir: _PathText | None = _about("cache_dir", None)
-    device: Annotated[str, Field(pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$")] = _about("device", "cpu")
+    device: Annotated[str, Field(pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$")] = _about("device", "auto")
+    loader_workers: Annotated[int, Field(ge=0)] = _about("loader_workers", 0)
     on_bad_case: Literal[ON_BAD_CASE] = _about("on_bad_case", "skip")  # type: ignore[valid-type]
     ct_window: Annotated[list[float], Field(min_length=2, max_length=2)] = _about("ct_window", DEFAULT_CT_WINDOW)
     pet_suv_max: _Positive = _about("pet_suv_max", DEFAULT_PET_SUV_MAX)
@@ -468,6 +473,7 @@ class SiteFile(BaseModel):
             limits=SiteLimits() if self.limits is None else self.limits.resolve(),
             label_roi=self.label_roi,
             dicom_series=tuple(_as_list(self.dicom_series or [])),
+            loader_workers=self.loader_workers,
         )
 
 

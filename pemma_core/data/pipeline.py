@@ -320,14 +320,16 @@ def train_loader(
     batch_size: int = 2,
     split: str = "train",
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> DataLoader:
     """Shuffled random crops of the site's usable ``split`` cases.
 
     Each batch: ``"image"`` float32 [B, 2, *roi_size], ``"label"`` float32 [B, 1, *roi_size]
     in {0, 1}, ``"case_id"`` list[str] (plus ``"grid_affine"``, ``"reference_path"``).
-    Same ``seed``, same crops and order. Raises :class:`SiteDataError` when no case is
-    usable and :class:`BadCaseError` when one is bad and ``on_bad_case`` is ``fail``.
+    Same ``seed``, same crops and order (also with workers: MONAI's loader seeds each worker's
+    transforms from the seeded generator). ``num_workers`` None: the site's ``loader_workers``.
+    Raises :class:`SiteDataError` when no case is usable and :class:`BadCaseError` when one is
+    bad and ``on_bad_case`` is ``fail``.
     """
     roi = tuple(int(s) for s in roi_size)
     if len(roi) != 3 or min(roi) < 1:
@@ -340,19 +342,24 @@ def train_loader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        num_workers=num_workers,
+        num_workers=_workers(cfg, num_workers),
         generator=torch.Generator().manual_seed(seed),
     )
 
 
-def eval_loader(cfg: SiteConfig, split: str = "test", num_workers: int = 0) -> DataLoader:
+def eval_loader(cfg: SiteConfig, split: str = "test", num_workers: int | None = None) -> DataLoader:
     """Whole volumes of the site's usable, labelled ``split`` cases, batch 1, manifest order.
 
     Each batch: ``"image"`` [1, 2, X, Y, Z], ``"label"`` [1, 1, X, Y, Z], ``"case_id"``,
     ``"grid_affine"`` [1, 4, 4], ``"reference_path"``. Volumes are not padded
-    (``monai.inferers.sliding_window_inference`` pads itself).
+    (``monai.inferers.sliding_window_inference`` pads itself). ``num_workers`` None: the site's ``loader_workers``.
     :meth:`InferenceMeta.from_batch` turns a batch into what :func:`write_prediction` needs.
     """
     cases = _usable_or_raise(cfg, split, need_label=True)
     dataset = cached_dataset(cfg, cases, with_label=True)
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=_workers(cfg, num_workers))
+
+
+def _workers(cfg: SiteConfig, num_workers: int | None) -> int:
+    """The loader's worker count: the caller's, else the site's ``loader_workers`` (sites/README.md)."""
+    return cfg.loader_workers if num_workers is None else num_workers

@@ -181,7 +181,7 @@ def _write_site(
         "spacing": list(spacing),
         "patch_size": None,
         "cache_dir": "cache",
-        "device": "cpu",
+        "device": "auto",  # CUDA when the node has a GPU (client.task.resolve_device)
         "on_bad_case": "skip",
         "ct_window": [-200.0, 300.0],
         "pet_suv_max": 20.0,
