@@ -63,10 +63,15 @@ def read_reply(msg: Message) -> tuple[Reply, list[str]]:
     problems += [f"unexpected record {key!r} in reply" for key in sorted(set(content.keys()) - set(protocol.REPLY_RECORDS))]
     reply = Reply(
         arrays=from_record(content.array_records.get(ARRAYS, ArrayRecord())),
-        metrics=dict(content.metric_records.get(METRICS, MetricRecord())),
+        metrics=reply_metrics(msg),
         meta=dict(content.config_records.get(META, ConfigRecord())),
     )
     return reply, problems
+
+
+def reply_metrics(msg: Message) -> dict[str, Any]:
+    """A reply's metrics alone (no tensor decoded: for a reply whose whole content was read and checked already)."""
+    return dict(msg.content.metric_records.get(METRICS, MetricRecord()))
 
 
 def reply_bytes(msg: Message) -> int:
@@ -88,6 +93,7 @@ __all__ = [
     "read_reply",
     "record_bytes",
     "reply_bytes",
+    "reply_metrics",
     "reply_message",
     "to_record",
 ]

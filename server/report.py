@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pemma_core.protocol import DECLARED
+from server.roster import ANSI_CODES
 from server.run_dir import PHASE_LISTS, RunDir, phase_rounds, run_segments, total_wall_seconds
 
 STATUSES = ("ok", "clipped", "rejected", "failed")
@@ -144,7 +145,6 @@ def plot_overlay(ct: np.ndarray, pet: np.ndarray | None, label: np.ndarray | Non
     return path
 
 
-ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Violation|Interrupt|Exit)\b")  # "RuntimeError: disk full"
 
 

@@ -34,7 +34,7 @@ from server import records
 
 log = logging.getLogger("flwr.pemma")
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour and cursor codes
 _SITE_ERROR = re.compile(r"\[pemma\] ([^\n\r]*)")
 
 
@@ -45,7 +45,7 @@ def one_line_cause(reason: str) -> str:
     :mod:`client.client_app`); Flower (and Ray, in simulation) wrap that in their own text
     and tracebacks, so the last such line is the cause. Anything else: its last non-empty line.
     """
-    text = _ANSI.sub("", str(reason))
+    text = ANSI_CODES.sub("", str(reason))
     found = _SITE_ERROR.findall(text)
     if found:  # Flower quotes the exception text: "...<'[pemma] site-2: ...'>"
         return found[-1].strip().removesuffix("'>").strip()[:500]
@@ -204,4 +204,4 @@ class Roster:
         }
 
 
-__all__ = ["Member", "Roster", "groups_for", "one_line_cause", "site_of_cause", "weight_caps"]
+__all__ = ["ANSI_CODES", "Member", "Roster", "groups_for", "one_line_cause", "site_of_cause", "weight_caps"]

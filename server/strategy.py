@@ -368,7 +368,7 @@ class PemmaStrategy(FedAvg):
             if reasons or update is None:
                 self._reject(record, report, reasons)
                 continue
-            metrics = records.read_reply(msg)[0].metrics  # checked: every value a number in its range
+            metrics = records.reply_metrics(msg)  # checked by check_reply: every value a number in its range
             report.train_seconds = float(metrics.get("train-seconds", 0.0))
             report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
             candidates.append((update, report, metrics, node))
