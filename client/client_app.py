@@ -24,6 +24,10 @@ Message types (:mod:`pemma_core.protocol`; sent by :mod:`server.server_app` and
   preprocessor without any row;
 * ``train.prognosis``: a round of the survival head (+ EHR encoder) on the frozen
   adapters; the reply holds the head groups, event counts and the held-out C-index.
+* ``query.secagg_keys``, ``query.secagg_shares``, ``query.secagg_confirm``,
+  ``query.secagg_unmask``: the stages of a secure-aggregation round (run config
+  ``secure-aggregation``; :mod:`client.secure_aggregation`); a train message of such a
+  round is answered with the site's clipped, quantised and masked update only.
 
 Which site a node serves: ``context.node_config["site-config"]`` on a deployed
 SuperNode, or the run config (``site-configs`` / ``federation-dir``) by ``partition-id``
@@ -54,7 +58,8 @@ class SiteFailure(RuntimeError):
 Work = Callable[[task.SiteConfig, Mapping[str, Any], Instruction | None, Mapping[str, np.ndarray]], protocol.Reply]
 
 
-def _serve(message_type: protocol.MessageType, work: Work, run_config_of: Callable[[Context], Mapping[str, Any]]):
+def _serve(message_type: protocol.MessageType, work: Work | None,
+           run_config_of: Callable[[Context], Mapping[str, Any]]):
     """The Flower handler of ``message_type``: read the message, do the site's ``work``, log what is
     sent in the site's audit log (:mod:`pemma_core.audit`) and reply; any failure becomes one
     :class:`SiteFailure` line naming the site."""
@@ -67,7 +72,12 @@ def _serve(message_type: protocol.MessageType, work: Work, run_config_of: Callab
             site = task.load_site(context.node_config, run_config, context.run_id)
             arrays, config = records.read_instruction(msg)
             instruction = Instruction.from_config(config) if message_type in _INSTRUCTED else None
-            reply = work(site, context.node_config, instruction if instruction is not None else config, arrays)
+            if work is None:  # a secure-aggregation stage: its state stays in the node's context between stages
+                reply = task.secure_stage_site(site, message_type, config, context.state)
+            else:
+                reply = work(site, context.node_config, instruction if instruction is not None else config, arrays)
+            if instruction is not None and instruction.secure is not None and message_type in protocol.TRAIN.values():
+                reply = task.masked_reply(site, instruction, arrays, reply, context.state)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, in one line, as the site's
             label = site.name if site is not None else task.site_label(context.node_config, run_config, context.run_id)
             cause = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -77,7 +87,7 @@ def _serve(message_type: protocol.MessageType, work: Work, run_config_of: Callab
         _audit(site, msg, context, instruction, reply, None)
         return records.reply_message(msg, reply)
 
-    handle.__doc__ = work.__doc__
+    handle.__doc__ = work.__doc__ if work is not None else task.secure_stage_site.__doc__
     return handle
 
 
@@ -118,6 +128,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, mods: list[Any] 
 
     for message_type, work in SITE_WORK.items():
         records.handles(app, message_type)(_serve(message_type, work, run_config_of))
+    for stage in protocol.SECAGG_STAGES:
+        records.handles(app, stage)(_serve(stage, None, run_config_of))
     return app
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -336,28 +337,77 @@ def train_site(
     seed = _seed(instruction, site)
     loader = _loaders().train_loader(site, model.roi_size, batch_size=int(instruction.batch_size), split="train", seed=seed)
     setup = time.perf_counter() - start
+    private = _private_steps(site, instruction, loader)
+    steps = private.steps if private is not None else instruction.local_steps
     result = train_local(
-        model, loader, modes, steps=instruction.local_steps, lr=instruction.lr, seed=seed,
-        device=resolve_device(site),
-    )
+        model, loader, modes, steps=steps, lr=instruction.lr, seed=seed, device=resolve_device(site),
+        dp=private.plan if private is not None else None,
+    ) if steps > 0 else None
     groups = model.param_groups
     may_send = allowed_groups(site)
-    trained = {g for g, n in result.examples.items() if n > 0 and g in may_send}
+    examples = dict(result.examples) if result is not None else {}
+    if private is not None and result is not None:
+        # The expected count, not the Poisson draw's: what a DP site sends must not depend on which patients it drew.
+        per_mode = {m: n * int(instruction.batch_size) for m, n in result.mode_steps.items()}
+        examples = {}
+        for mode, n in per_mode.items():
+            for g in model.groups_for_mode(mode):
+                examples[g] = examples.get(g, 0) + n
+    trained = {g for g, n in examples.items() if n > 0 and g in may_send}
     state = trainable_state(model.cpu())
     sent = {k: v for k, v in state.items() if groups[k] in trained}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
     refuse_large_upload(site, out)
     metrics: dict[str, float | int] = {
-        "num-examples": int(max((result.examples[g] for g in trained), default=0)),
-        "loss": float(result.loss),
-        "steps": int(result.steps),
-        "train-seconds": float(result.seconds),
+        "num-examples": int(max((examples[g] for g in trained), default=0)),
+        "steps": int(steps),
+        "train-seconds": float(result.seconds if result is not None else 0.0),
         "setup-seconds": float(setup),
         "bytes-up": protocol.payload_bytes(out),
-        **protocol.examples_metrics({g: result.examples[g] for g in trained}),
+        **protocol.examples_metrics({g: examples[g] for g in trained}),
     }
-    reply = Reply(out, metrics, protocol.reply_meta(site.name, model.fingerprint))
+    meta = protocol.reply_meta(site.name, model.fingerprint)
+    if private is None:
+        metrics["loss"] = float(result.loss)
+    else:  # the training loss is not privatised: under DP it stays at the site
+        private.record(result.dp_steps if result is not None else 0)
+        metrics.update({"dp-epsilon": private.epsilon(), "dp-steps": int(steps)})
+        if private.stopped:
+            meta[protocol.DP_STOPPED] = private.stopped
+    reply = Reply(out, metrics, meta)
     return check_reply(protocol.TRAIN["adapt"], reply, arrays, model.roi_size, site)
+
+
+class PrivateSteps:
+    """A round's DP-SGD at a site: the plan, the steps its remaining budget allows, its ledger."""
+
+    def __init__(self, site: SiteConfig, instruction: Instruction, n_patients: int) -> None:
+        from pemma_core.privacy import plan_dp, steps_within_budget
+
+        dp = dict(instruction.dp or {})
+        self.plan = plan_dp(float(dp["target_epsilon"]), float(dp["delta"]), float(dp["clip"]),
+                            int(instruction.batch_size), n_patients, int(dp["planned_steps"]))
+        self.ledger = privacy_ledger(site)
+        self.key = f"{dp.get('run', '')}:{instruction.fingerprint}"
+        taken = self.ledger.steps_taken(self.key)
+        self.steps = steps_within_budget(self.plan, taken, int(instruction.local_steps))
+        self.stopped = ""
+        if self.steps < int(instruction.local_steps):
+            self.stopped = (f"privacy budget: epsilon {self.plan.target_epsilon:g} (delta {self.plan.delta:g}) allows "
+                            f"{self.steps} of the {instruction.local_steps} steps asked after {taken} taken")
+            log.warning("site %s: %s", site.name, self.stopped)
+
+    def record(self, steps: int) -> None:
+        self.ledger.record(self.key, self.plan, steps)
+
+    def epsilon(self) -> float:
+        return float(self.ledger.epsilon(self.key))
+
+
+def _private_steps(site: SiteConfig, instruction: Instruction, loader: Any) -> PrivateSteps | None:
+    if not instruction.dp:
+        return None
+    return PrivateSteps(site, instruction, len(loader.dataset))
 
 
 def evaluate_site(
@@ -530,3 +580,58 @@ def check_reply(
     metric name and config value); else :class:`~pemma_core.protocol.WireViolation`."""
     protocol.check_reply(kind, reply, received.keys(), roi_size, site_case_ids(site), where=f"reply of site {site.name}")
     return reply
+
+
+# ----------------------------------------------------------------------------- secure aggregation
+
+
+def secure_stage_site(site: SiteConfig, stage: MessageType, config: Mapping[str, Any], state: Any) -> Reply:
+    """This site's answer to a stage of secure aggregation (:mod:`client.secure_aggregation`);
+    ``state`` is the node's Flower ``context.state``, where the round's keys stay between stages."""
+    from client import secure_aggregation
+
+    seed = site_seed(0, int(json.loads(str(config.get(protocol.SECAGG, "{}"))).get("round", 0)), site.name)
+    answer = secure_aggregation.answer_stage(stage.action, config, state, seed)
+    return Reply({}, {}, {protocol.SITE: site.name, protocol.SECAGG: json.dumps(answer)})
+
+
+def _groups_of(spec: ModelSpec, phase: str, names: frozenset[str]) -> dict[str, str]:
+    """Tensor -> parameter group of the tensors ``names`` the server sent in ``phase``."""
+    if phase == "pretrain-ct":
+        return {k: FULL_GROUP for k in names}
+    return {k: g for k, g in _param_groups(spec.to_json()).items() if k in names}
+
+
+@functools.lru_cache(maxsize=4)
+def _param_groups(spec_json: str) -> dict[str, str]:
+    return dict(build_model(ModelSpec.from_json(spec_json)).param_groups)
+
+
+def masked_reply(site: SiteConfig, instruction: Instruction, arrays: Mapping[str, np.ndarray], reply: Reply,
+                 state: Any) -> Reply:
+    """``reply`` (already checked) with its tensors replaced by this site's masked update: the
+    checks the server cannot make on masked values are made here first (the wire check of the
+    plain reply, the update clipped to the round's bounds, the weight capped by the declared cases)."""
+    from client import secure_aggregation
+    from server.roster import weight_caps
+
+    phase = str(instruction.phase)
+    secure = dict(instruction.secure or {})
+    received = protocol.from_wire(arrays)
+    groups = _groups_of(instruction.spec, phase, frozenset(received))
+    counts = protocol.examples_of(reply.metrics)
+    caps = weight_caps(declared_cases(site), phase)
+    masked, clipped = secure_aggregation.mask_update(secure, state, site.name, received, protocol.from_wire(reply.arrays),
+                                                     groups, counts, caps)
+    metrics = {**reply.metrics, "bytes-up": protocol.payload_bytes(masked), "secure-clipped": int(clipped)}
+    return Reply(masked, metrics, dict(reply.meta))
+
+
+# ----------------------------------------------------------------------------- differential privacy
+
+
+def privacy_ledger(site: SiteConfig):
+    """The site's own record of the DP steps it has taken, per run (``cache_dir/privacy-ledger.json``)."""
+    from pemma_core.privacy import PrivacyLedger
+
+    return PrivacyLedger(Path(site.cache_dir) / "privacy-ledger.json")

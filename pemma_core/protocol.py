@@ -70,6 +70,12 @@ JOIN = MessageType("query", "join")  # a site's name and its declared training c
 INSTALL_BACKBONE = MessageType("query", "install_backbone")  # the run's frozen CT backbone, once per site
 EHR_STATS = MessageType("query", "ehr_stats")  # aggregates of a site's EHR training rows
 EVALUATE = MessageType("evaluate")  # Dice per mode of the global adapters (after adapt rounds)
+# Secure aggregation (server/secure_aggregation.py, client/secure_aggregation.py): the stages of one round.
+SECAGG_KEYS = MessageType("query", "secagg_keys")  # a site's fresh public keys for this round
+SECAGG_SHARES = MessageType("query", "secagg_shares")  # the members' keys in; encrypted Shamir shares out
+SECAGG_CONFIRM = MessageType("query", "secagg_confirm")  # after the masked updates: who is still there
+SECAGG_UNMASK = MessageType("query", "secagg_unmask")  # the final set in; the shares that remove the masks out
+SECAGG_STAGES: tuple[MessageType, ...] = (SECAGG_KEYS, SECAGG_SHARES, SECAGG_CONFIRM, SECAGG_UNMASK)
 TRAIN: dict[str, MessageType] = {  # one train message type per phase
     "pretrain-ct": MessageType("train", "pretrain_ct"),
     "adapt": MessageType("train"),
@@ -104,6 +110,8 @@ class Instruction:
     phase: str | None = None
     round: int | None = None  # the global round number (continues across a resume)
     wire_dtype: str | None = None
+    dp: Mapping[str, Any] | None = None  # DP-SGD: target_epsilon, delta, clip, planned_steps (adapt)
+    secure: Mapping[str, Any] | None = None  # secure aggregation: this round's members, cohorts, ranges, shares
 
     def to_config(self) -> dict[str, Any]:
         """The message config: hyphenated keys, the spec and the preprocessor as JSON."""
@@ -114,7 +122,7 @@ class Instruction:
                 continue
             if name == "spec":
                 value = value.to_json()
-            elif name == "ehr_preprocessor":
+            elif name in ("ehr_preprocessor", "dp", "secure"):
                 value = json.dumps(dict(value))
             out[key] = value
         return out
@@ -150,6 +158,8 @@ class Instruction:
             phase=str(phase),
             round=int(config["round"]),
             wire_dtype=check_wire_dtype(str(config["wire-dtype"])),
+            dp=_json_mapping(config, "dp"),
+            secure=_json_mapping(config, "secure-aggregation"),
         )
 
 
@@ -164,7 +174,21 @@ _INSTRUCTION_KEYS: dict[str, str] = {
     "phase": "phase",
     "round": "round",
     "wire_dtype": "wire-dtype",
+    "dp": "dp",
+    "secure": "secure-aggregation",
 }
+
+
+def _json_mapping(config: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    if key not in config:
+        return None
+    try:
+        value = json.loads(str(config[key]))
+    except ValueError as exc:
+        raise ValueError(f"message config {key!r} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"message config {key!r} is not a JSON object")
+    return value
 
 
 FLOWER_CONFIG_KEYS = frozenset({"server-round"})  # added by Flower's FedAvg to every message config
@@ -191,6 +215,8 @@ def read_install_config(config: Mapping[str, Any]) -> tuple[ModelSpec, str]:
 
 SITE, FINGERPRINT, EHR_STATS_KEY = "site", _FINGERPRINT, "ehr-stats"  # reply config (META) entries
 WITHHELD = "withheld"  # why a site sent less than asked (a privacy floor), in its own words
+SECAGG = "secagg"  # in the replies to the secure-aggregation stages: that stage's JSON (keys, ciphertexts, shares)
+DP_STOPPED = "dp-stopped"  # in a train reply: why the site trained fewer steps (its privacy budget is spent)
 PREPROCESSING = "preprocessing"  # in the join reply: the site's resampling grid and intensity normalisation
 
 
@@ -294,7 +320,10 @@ class ReplyKind:
 
 _EXAMPLES = frozenset(f"examples-{group}" for group in (*GROUPS, FULL_GROUP))
 _DECLARED = frozenset(f"train-cases-{kind}" for kind in DECLARED)
-_TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up"}) | _EXAMPLES
+# dp-*: the site's DP-SGD accounting (epsilon spent so far in this run, its steps); secure-clipped: elements
+# the site clipped to the round's range before masking.
+_TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up", "dp-epsilon",
+                       "dp-steps", "secure-clipped"}) | _EXAMPLES
 _SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival"})  # of the site's held-out split
 _EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m in ("dice", "cases") for mode in MODES}
 _REPLY_CONFIG = frozenset({SITE, FINGERPRINT})
@@ -304,9 +333,10 @@ REPLIES: dict[MessageType, ReplyKind] = {
     INSTALL_BACKBONE: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG),
     EHR_STATS: ReplyKind(tensors=False, metrics=frozenset(), config=_REPLY_CONFIG | {EHR_STATS_KEY, WITHHELD}),
     TRAIN["pretrain-ct"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
-    TRAIN["adapt"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG),
+    TRAIN["adapt"]: ReplyKind(tensors=True, metrics=_TRAINING, config=_REPLY_CONFIG | {DP_STOPPED}),
     TRAIN["prognosis"]: ReplyKind(tensors=True, metrics=_TRAINING | _SURVIVAL, config=_REPLY_CONFIG | {WITHHELD}),
     EVALUATE: ReplyKind(tensors=False, metrics=_EVALUATION, config=_REPLY_CONFIG | {WITHHELD}),
+    **{stage: ReplyKind(tensors=False, metrics=frozenset(), config=frozenset({SITE, SECAGG})) for stage in SECAGG_STAGES},
 }
 
 # ----------------------------------------------------------------------------- metric values
@@ -321,7 +351,7 @@ def metric_range(name: str) -> str:
     ``loss`` (finite, >= 0), ``seconds`` (finite, >= 0) or ``count`` (a whole number >= 0)."""
     if name.startswith("dice-") or name == "c-index":
         return "fraction"
-    if name == "loss":
+    if name in ("loss", "dp-epsilon"):
         return "loss"
     if name.endswith("-seconds"):
         return "seconds"
@@ -588,8 +618,15 @@ def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 __all__ = [
+    "SECAGG",
+    "SECAGG_CONFIRM",
+    "SECAGG_KEYS",
+    "SECAGG_SHARES",
+    "SECAGG_STAGES",
+    "SECAGG_UNMASK",
     "ARRAYS",
     "CONFIG",
+    "DP_STOPPED",
     "EHR_STATS",
     "EHR_STATS_KEY",
     "EVALUATE",

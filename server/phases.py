@@ -104,6 +104,9 @@ def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, prog
         evaluate=phase.evaluate,
         on_round_end=on_round_end,
         on_round_start=phase.on_round_start,
+        secure={"max_dropouts": settings.secure_max_dropouts, "min_cohort": settings.secure_min_cohort}
+        if settings.secure_aggregation else None,
+        round_timeout=settings.round_timeout,
     )
     if phase.num_rounds > 0:
         strategy.start(grid, state_to_record(phase.state), num_rounds=phase.num_rounds, timeout=settings.round_timeout,
@@ -193,8 +196,12 @@ def adapt(
     else:
         save_adapters(run.checkpoint("adapt", 0), model, provenance={"phase": "adapt", "round": 0, "sites": []})
     run.forget_after("adapt", offset)
+    dp = None
+    if settings.dp_target_epsilon > 0:  # each site's budget covers the whole adapt phase, resumed rounds included
+        dp = {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
+              "planned_steps": settings.rounds * settings.local_steps, "run": Path(settings.run_dir).name}
     instruction = Instruction(local_steps=settings.local_steps, lr=settings.lr, batch_size=settings.batch_size,
-                              seed=settings.seed, spec=spec, fingerprint=model.fingerprint)
+                              seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp)
     return run_phase(grid, settings, run, Phase(
         name="adapt", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=offset, num_rounds=settings.rounds - offset, save=_adapter_saver(model, "adapt"),

@@ -74,6 +74,11 @@ def reply_metrics(msg: Message) -> dict[str, Any]:
     return dict(msg.content.metric_records.get(METRICS, MetricRecord()))
 
 
+def reply_config(msg: Message) -> dict[str, Any]:
+    """A reply's config entries alone (no tensor decoded)."""
+    return dict(msg.content.config_records.get(META, ConfigRecord()))
+
+
 def reply_bytes(msg: Message) -> int:
     """Bytes of the tensors a reply carries, as they travelled."""
     return record_bytes(msg.content.array_records.get(ARRAYS, ArrayRecord()))
@@ -93,6 +98,7 @@ __all__ = [
     "read_reply",
     "record_bytes",
     "reply_bytes",
+    "reply_config",
     "reply_metrics",
     "reply_message",
     "to_record",

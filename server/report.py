@@ -339,6 +339,62 @@ def _privacy_section(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+# What the server checks on a plain reply but cannot on a masked one, and who checks it instead.
+MOVED_TO_SITES = (
+    "the update's values (finite, shaped like the global tensors): checked by the site before masking",
+    "the outlier bound and max-update-norm: each site clips its own update (whole-update norm when the run sets "
+    "max-update-norm, then each element to the round's range) and reports how many elements it clipped",
+    "the weight cap: each site caps its weight at its declared cases and at the round's weight scale",
+    "robust rules (median, trimmed mean): not available on sums; the mean is used",
+)
+
+
+def _secure_section(metrics: Mapping[str, Any]) -> list[str]:
+    rounds = [r for key in ("pretrain_rounds", "rounds") for r in metrics.get(key, []) if r.get("secure_aggregation")]
+    if not rounds:
+        return []
+    lines = ["## Secure aggregation", "",
+             "The server learned, per parameter group, only the weighted sum over the sites that trained it and the "
+             "sum of their weights (pairwise masks per group cohort, Shamir shares of the mask secrets for sites "
+             "that vanish). Checks moved to the sites:", ""]
+    lines += [f"- {item}" for item in MOVED_TO_SITES]
+    lines += ["", "| phase | round | final set | vanished | groups not aggregated | quantisation step |", "|---|---|---|---|---|---|"]
+    for r in rounds:
+        info = r["secure_aggregation"]
+        dropped = "; ".join(f"{s}: {why}" for s, why in info.get("dropped", {}).items()) or "-"
+        skipped = "; ".join(f"{g}: {why}" for g, why in info.get("skipped_groups", {}).items()) or "-"
+        lines.append(f"| {r['phase']} | {r['round']} | {', '.join(info.get('final', [])) or '-'} | {one_line(dropped)} | "
+                     f"{one_line(skipped)} | {info.get('quantisation_step', float('nan')):.2e} |")
+    lines.append("")
+    return lines
+
+
+def _dp_section(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    spent: dict[str, dict[int, Any]] = {}
+    for r in metrics.get("rounds", []):
+        for s in r.get("sites", []):
+            if s.get("dp_epsilon") is not None:
+                spent.setdefault(s["name"], {})[r["round"]] = s
+    if not spent:
+        return []
+    target = settings.get("dp_target_epsilon", "?")
+    lines = ["## Differential privacy (DP-SGD, patient level)", "",
+             f"Each site's adapters were trained with per-patient clipping (norm {settings.get('dp_clip', '?')}) and "
+             f"Gaussian noise; the RDP accountant's epsilon (delta {settings.get('dp_delta', '?')}) spent so far, per "
+             f"site and adapt round, against the target epsilon {target}. The guarantee covers each site's training "
+             f"patients through the adapters (every group the site trains); the test-split Dice and the prognosis "
+             f"phase are not covered.", ""]
+    rounds = sorted({n for per in spent.values() for n in per})
+    lines += ["| site | " + " | ".join(f"round {n}" for n in rounds) + " | stopped |",
+              "|---|" + "---|" * (len(rounds) + 1)]
+    for name, per in sorted(spent.items()):
+        stopped = next((one_line(s.get("dp_stopped")) for s in per.values() if s.get("dp_stopped")), "-")
+        cells = [format_value(per[n].get("dp_epsilon"), 3) if n in per else "-" for n in rounds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {stopped} |")
+    lines.append("")
+    return lines
+
+
 def _failures_section(metrics: Mapping[str, Any]) -> list[str]:
     failed = [r for r in site_replies(metrics) if r["status"] == "failed"]
     if not failed:
@@ -413,7 +469,7 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | |")
         lines.append("")
-    lines += _robustness_section(metrics) + _privacy_section(metrics) + _failures_section(metrics)
+    lines += _robustness_section(metrics) + _privacy_section(metrics) + _secure_section(metrics) + _dp_section(metrics, settings) + _failures_section(metrics)
     if dice_png:
         lines += ["## Dice per round", "", f"![Dice per round]({dice_png.relative_to(run.path)})", ""]
     if overlay is not None:

@@ -35,6 +35,7 @@ and metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -52,6 +53,7 @@ from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
 from server import records
 from server.roster import Roster, one_line_cause
+from server.secure_rounds import ADAM_RANGE_FACTOR, SecureRound, close_round, open_round
 
 log = logging.getLogger("flwr.pemma")  # a child of Flower's logger: same handlers, streamed by `flwr run --stream`
 
@@ -74,6 +76,10 @@ class SiteReport:
     examples: dict[str, int] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
     c_index: float | None = None  # prognosis: C-index on the site's held-out split
+    dp_epsilon: float | None = None  # DP-SGD: the epsilon the site has spent in this run so far
+    dp_steps: int | None = None  # DP-SGD: its private steps in this round
+    dp_stopped: str = ""  # DP-SGD: why it trained fewer steps (its budget is spent)
+    secure_clipped: int | None = None  # secure aggregation: elements it clipped to the round's range
 
     def summary(self) -> str:
         """One line for progress output: status, loss, training time, upload, Dice, C-index, reason."""
@@ -84,6 +90,8 @@ class SiteReport:
             line += "  Dice " + " ".join(f"{m} {v:.3f}" for m, v in self.dice.items())
         if self.c_index is not None:
             line += f"  C-index {self.c_index:.3f}"
+        if self.dp_epsilon is not None:
+            line += f"  epsilon {self.dp_epsilon:.2f}"
         if self.reason:
             line += f"  {self.reason[:120]}"
         return line
@@ -105,6 +113,11 @@ class SiteReport:
             out["c_index"] = self.c_index
         if self.clip_factor is not None:
             out["clip_factor"] = self.clip_factor
+        for key in ("dp_epsilon", "dp_steps", "secure_clipped"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.dp_stopped:
+            out["dp_stopped"] = self.dp_stopped
         if self.rms:
             out["rms"] = {g: float(f"{v:.6g}") for g, v in self.rms.items()}
         if self.reason:
@@ -127,6 +140,7 @@ class RoundRecord:
     reference_rms: float | None = None  # the outlier rule's reference (pooled median RMS of the round's updates)
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    secure: dict[str, Any] | None = None  # secure aggregation: members, cohorts, final set, dropouts, skipped groups
 
     def site(self, node_id: int, name: str) -> SiteReport:
         if node_id not in self.sites:
@@ -150,6 +164,7 @@ class RoundRecord:
             "reference_rms": self.reference_rms,
             "train_metrics": dict(self.train_metrics),
             "eval_metrics": dict(self.eval_metrics),
+            **({"secure_aggregation": self.secure} if self.secure is not None else {}),
         }
 
 
@@ -186,6 +201,10 @@ class PemmaStrategy(FedAvg):
         roster asks late sites to join; the server app installs the backbone there).
     on_round_end: called with the round's record and the new global tensors once the
         round (training and evaluation) is over: checkpoints and metrics are written there.
+    round_timeout: seconds to wait for the replies of each secure-aggregation stage.
+    secure: secure aggregation (``{"max_dropouts": int, "min_cohort": int}``; None: off):
+        the server learns per group only the sum over the sites that trained it
+        (:mod:`server.secure_rounds`); the sites clip and check their own updates.
     """
 
     def __init__(
@@ -205,6 +224,8 @@ class PemmaStrategy(FedAvg):
         evaluate: bool = True,
         on_round_end: Callable[[RoundRecord, dict[str, np.ndarray]], None] | None = None,
         on_round_start: Callable[[Grid], object] | None = None,
+        secure: Mapping[str, int] | None = None,
+        round_timeout: float = 600.0,
     ) -> None:
         if phase not in protocol.PHASES:
             raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(protocol.PHASES)}")
@@ -237,6 +258,10 @@ class PemmaStrategy(FedAvg):
         self.rounds: list[RoundRecord] = []
         self.failed: dict[int, str] = {}  # node -> one-line cause: sent nothing more in this phase
         self._current: RoundRecord | None = None
+        self.secure = dict(secure) if secure is not None else None
+        self._secure_round: SecureRound | None = None
+        self._grid: Grid | None = None
+        self._timeout = float(round_timeout)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, base: ConfigRecord) -> ConfigRecord:
@@ -301,6 +326,8 @@ class PemmaStrategy(FedAvg):
         wire_arrays = state_to_record(self.global_state, self.wire_dtype)
         messages = super().configure_train(server_round, wire_arrays, self._config(server_round, config), grid)
         out = self._addressed(messages, protocol.TRAIN[self.phase].name, record)
+        if self.secure is not None:
+            out = self._open_secure(grid, record, out)
         down = records.record_bytes(wire_arrays)
         for msg in out:
             record.sites[msg.metadata.dst_node_id].bytes_down = down
@@ -321,10 +348,7 @@ class PemmaStrategy(FedAvg):
         kind = protocol.TRAIN[self.phase]
         reasons = [f"site {name!r}: {p}" for p in protocol.reply_problems(kind, reply, self.global_state, self.roi_size)]
         reasons += self._identity_problems(node, reply)
-        fingerprint = self.instruction.fingerprint
-        if self.phase != "pretrain-ct" and fingerprint and reply.meta.get(protocol.FINGERPRINT) != fingerprint:
-            claimed = str(reply.meta.get(protocol.FINGERPRINT))
-            reasons.append(f"site {name!r}: trained on backbone {claimed[:12]}..., not {fingerprint[:12]}...")
+        reasons += [f"site {name!r}: {p}" for p in self._fingerprint_problems(reply)]
         for key, array in reply.arrays.items():
             # A floating global tensor comes back in the run's wire dtype (int8: its valid scales are
             # reply_problems' check); a site sending float32 in an int8 run (or int8 in a float run) is refused.
@@ -337,6 +361,12 @@ class PemmaStrategy(FedAvg):
         tensors = protocol.from_wire(reply.arrays)  # checked above: int8 tensors dequantised with their scales
         return SiteUpdate(site=name, tensors=tensors, examples=protocol.examples_of(reply.metrics)), []
 
+    def _fingerprint_problems(self, reply: Reply) -> list[str]:
+        fingerprint = self.instruction.fingerprint
+        if self.phase != "pretrain-ct" and fingerprint and reply.meta.get(protocol.FINGERPRINT) != fingerprint:
+            return [f"trained on backbone {str(reply.meta.get(protocol.FINGERPRINT))[:12]}..., not {fingerprint[:12]}..."]
+        return []
+
     def _identity_problems(self, node: int, reply: Reply) -> list[str]:
         if self.roster is None or node not in self.roster.members:
             return []
@@ -346,12 +376,164 @@ class PemmaStrategy(FedAvg):
                     f"this node joined as {joined!r}"]
         return []
 
+    # ------------------------------------------------------------------ secure aggregation
+    def _stage_failure(self, record: RoundRecord) -> Callable[[int, str], None]:
+        def on_fail(node: int, reason: str) -> None:
+            self._fail(record, record.site(node, self._name(node)), node, reason, "secure aggregation")
+
+        return on_fail
+
+    def _open_secure(self, grid: Grid, record: RoundRecord, messages: list[Message]) -> list[Message]:
+        """Stages 1-2 of secure aggregation, then each member's train message with its secure entry."""
+        self._grid = grid
+        nodes = {m.metadata.dst_node_id: self._name(m.metadata.dst_node_id) for m in messages}
+        allowances = {n: self.roster.allowance(n, self.phase, self.instruction) if self.roster is not None else None
+                      for n in nodes}
+        every = frozenset(self.groups.values())
+        groups_of = {n: (a.groups if a is not None and a.groups is not None else every) for n, a in allowances.items()}
+        weight_scale: dict[str, int] = {}
+        for a in allowances.values():
+            for g in every:
+                cap = (a.weight_cap or {}).get(g) if a is not None else None
+                limit = a.max_examples if a is not None else None
+                bound = min(x for x in (cap, limit, protocol.MAX_COUNT) if x is not None)
+                weight_scale[g] = max(weight_scale.get(g, 1), int(bound))
+        span = ADAM_RANGE_FACTOR * float(self.instruction.lr) * int(self.instruction.local_steps)
+        sr = open_round(grid, record.round, nodes, self._joined(nodes), self.groups,
+                        {k: v.shape for k, v in self.global_state.items()}, groups_of, weight_scale, span,
+                        int(self.secure["max_dropouts"]), int(self.secure["min_cohort"]), self._timeout,
+                        self._stage_failure(record))
+        self._secure_round = sr
+        if sr is None:
+            record.note = "secure aggregation: fewer than 2 sites took part in the key exchange; round not trained"
+            return []
+        record.secure = sr.to_json()
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in sr.instructions:
+                continue
+            entry = dict(sr.instructions[node])
+            if self.max_update_norm:
+                entry["max-update-norm"] = float(self.max_update_norm)
+            config = ConfigRecord(dict(msg.content.config_records[protocol.CONFIG]))
+            config["secure-aggregation"] = json.dumps(entry)
+            content = RecordDict({protocol.ARRAYS: msg.content.array_records[protocol.ARRAYS], protocol.CONFIG: config})
+            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
+        return out
+
+    def _joined(self, nodes: Iterable[int]) -> dict[int, str]:
+        """The name each node joined under (what its replies must speak for)."""
+        if self.roster is None:
+            return {n: self._name(n) for n in nodes}
+        return {n: self.roster.members[n].name if n in self.roster.members else self._name(n) for n in nodes}
+
+    def _aggregate_secure(self, record: RoundRecord, replies: Iterable[Message], start: float
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the members' masked replies, remove the masks (stages 4-5), and move each
+        group by the weighted mean of its cohort's updates."""
+        sr = self._secure_round
+        accepted: dict[int, dict[str, np.ndarray]] = {}
+        losses: list[tuple[float, int]] = []
+        replied: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if sr is None or node in replied or node not in sr.names:
+                continue
+            replied.add(node)
+            report = record.site(node, self._name(node))
+            if msg.has_error():
+                self._fail(record, report, node, msg.error.reason, "")
+                continue
+            report.bytes_up = records.reply_bytes(msg)
+            reply, malformed = records.read_reply(msg)
+            kind = protocol.TRAIN[self.phase]
+            problems = malformed + protocol.reply_problems(kind, Reply({}, reply.metrics, reply.meta), (), self.roi_size)
+            problems += self._identity_problems(node, reply) + self._fingerprint_problems(reply)
+            if problems:
+                self._reject(record, report, [f"site {report.name!r}: {p}" for p in problems])
+                continue
+            accepted[node] = reply.arrays
+            report.examples = protocol.examples_of(reply.metrics)
+            self._read_site_metrics(report, reply.metrics, reply.meta)
+            report.loss = float(reply.metrics["loss"]) if "loss" in reply.metrics else None
+            report.c_index = float(reply.metrics["c-index"]) if "c-index" in reply.metrics else None
+            if report.loss is not None:
+                losses.append((report.loss, max(1, int(reply.metrics.get("num-examples", 1)))))
+        for node in (sr.names if sr is not None else {}):
+            if node not in replied and record.sites[node].status == "ok":
+                self._fail(record, record.sites[node], node, "no reply (timed out or disconnected)", "")
+        result = close_round(self._grid, sr, accepted, self._joined(sr.names), self._timeout, self._stage_failure(record)) \
+            if sr is not None and len(accepted) >= 2 else None
+        if sr is not None:
+            record.secure = sr.to_json()
+        if result is None or len(sr.final) < self.min_sites:
+            record.note = (f"not aggregated: secure aggregation could not remove the masks "
+                           f"({len(accepted)} masked update(s) accepted, final set {sr.final if sr else []}, "
+                           f"min-sites {self.min_sites}); global tensors unchanged")
+            log.warning("round %d: %s", record.round, record.note)
+            record.aggregation_seconds = time.perf_counter() - start
+            return None, None
+        state = {k: v.copy() for k, v in self.global_state.items()}
+        skipped = dict(sr.skipped) | dict(result.skipped)
+        for group, contributors in result.contributors.items():
+            weight = result.weights.get(group, 0)
+            tensors = [k for k, g in self.groups.items() if g == group]
+            if weight <= 0:
+                skipped[group] = "its cohort trained it on no example this round"
+                continue
+            bound = sr.clip_range * len(contributors)
+            if any(not np.all(np.isfinite(result.sums[k])) or np.max(np.abs(result.sums[k]), initial=0) > bound * 1.0001
+                   for k in tensors):
+                skipped[group] = ("its unmasked sum lies outside what its cohort's clipped updates can add up to: "
+                                  "a site sent malformed masked values; group left unchanged")
+                log.warning("round %d: group %s: %s", record.round, group, skipped[group])
+                continue
+            scale = sr.weight_scale[group] / weight
+            for k in tensors:
+                moved = self.global_state[k].astype(np.float64) + scale * result.sums[k]
+                state[k] = moved.astype(self.global_state[k].dtype)
+            record.contributors[group] = list(contributors)
+        record.secure = {**sr.to_json(), "skipped_groups": dict(sorted(skipped.items()))}
+        if not record.contributors:
+            record.note = "not aggregated: no group could be aggregated securely; global tensors unchanged"
+            record.aggregation_seconds = time.perf_counter() - start
+            return None, None
+        self.global_state = state
+        record.aggregated = True
+        total = sum(n for _, n in losses) or 1
+        record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
+        c_indices = [(r.c_index, max(1, int(r.examples.get("prognosis", 1)))) for r in record.sites.values()
+                     if r.c_index is not None and r.name in sr.final]
+        if c_indices:
+            record.train_metrics["c-index"] = sum(c * n for c, n in c_indices) / sum(n for _, n in c_indices)
+        record.aggregation_seconds = time.perf_counter() - start
+        log.info("round %d (%s): securely aggregated %s over %s", record.round, self.phase,
+                 ", ".join(sorted(record.contributors)), ", ".join(sr.final))
+        return state_to_record(self.global_state), MetricRecord(record.train_metrics)
+
+    @staticmethod
+    def _read_site_metrics(report: SiteReport, metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """The checked metrics a train reply reports of the site's own work (time, privacy; not its loss,
+        which the report shows only for an update that was used)."""
+        report.train_seconds = float(metrics.get("train-seconds", 0.0))
+        report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
+        if "dp-epsilon" in metrics:
+            report.dp_epsilon = float(metrics["dp-epsilon"])
+            report.dp_steps = int(metrics.get("dp-steps", 0))
+        if "secure-clipped" in metrics:
+            report.secure_clipped = int(metrics["secure-clipped"])
+        if protocol.DP_STOPPED in meta:
+            report.dp_stopped = str(meta[protocol.DP_STOPPED])[:300]
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         record.train_wall_seconds = time.perf_counter() - record.started
         start = time.perf_counter()
+        if self.secure is not None:
+            return self._aggregate_secure(record, replies, start)
         candidates: list[tuple[SiteUpdate, SiteReport, Mapping[str, Any], int]] = []  # in reply order
         replied: set[int] = set()
         for msg in replies:
@@ -369,8 +551,7 @@ class PemmaStrategy(FedAvg):
                 self._reject(record, report, reasons)
                 continue
             metrics = records.reply_metrics(msg)  # checked by check_reply: every value a number in its range
-            report.train_seconds = float(metrics.get("train-seconds", 0.0))
-            report.setup_seconds = float(metrics.get("setup-seconds", 0.0))
+            self._read_site_metrics(report, metrics, records.reply_config(msg))
             candidates.append((update, report, metrics, node))
         for node, report in record.sites.items():
             if node not in replied and report.status == "ok":  # timed out or disconnected: Flower returned no reply

@@ -35,7 +35,8 @@ from pemma_core import console
 SETTING_OPTIONS = (
     "backbone", "adapter", "preset", "rounds", "local_steps", "pretrain_rounds", "pretrain_steps", "prognosis_rounds",
     "prognosis_steps", "wire_dtype", "seed", "min_sites", "max_update_norm", "outlier_factor", "aggregation",
-    "phantom_cases",
+    "phantom_cases", "phantom_sites", "secure_max_dropouts", "secure_min_cohort", "dp_target_epsilon", "dp_delta",
+    "dp_clip",
 )
 
 
@@ -51,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last finished round (its settings, plus options given here)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip: " + RunSettings.help("evaluate"))
+    parser.add_argument("--secure-aggregation", action="store_true", default=None,
+                        help=RunSettings.help("secure-aggregation"))
     from simulation.adversary import ADVERSARY_KINDS
 
     kinds = "; ".join(f"{kind}: {what}" for kind, what in ADVERSARY_KINDS.items())
@@ -83,6 +86,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         values["backbone_file"] = str(args.backbone_file.expanduser().resolve())
     if args.no_evaluate:
         values["evaluate"] = False
+    if getattr(args, "secure_aggregation", None):
+        values["secure_aggregation"] = True
     if not values.get("site_configs") and "federation_dir" not in values:  # the phantom federation, in the run folder
         values["federation_dir"] = str(Path(values["run_dir"]) / "federation")
     settings = RunSettings(**values)

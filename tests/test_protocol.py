@@ -56,7 +56,9 @@ def test_message_types_are_flowers_strings() -> None:
     assert [TRAIN[p].name for p in protocol.PHASES] == ["train.pretrain_ct", "train", "train.prognosis"]
     assert (JOIN.name, INSTALL_BACKBONE.name, EHR_STATS.name, EVALUATE.name) == (
         "query.join", "query.install_backbone", "query.ehr_stats", "evaluate")
-    assert set(protocol.REPLIES) == {JOIN, INSTALL_BACKBONE, EHR_STATS, EVALUATE, *TRAIN.values()}
+    assert [stage.name for stage in protocol.SECAGG_STAGES] == [
+        "query.secagg_keys", "query.secagg_shares", "query.secagg_confirm", "query.secagg_unmask"]
+    assert set(protocol.REPLIES) == {JOIN, INSTALL_BACKBONE, EHR_STATS, EVALUATE, *TRAIN.values(), *protocol.SECAGG_STAGES}
 
 
 def test_instruction_roundtrip_and_the_spec_as_json() -> None:

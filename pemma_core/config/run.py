@@ -109,6 +109,18 @@ class RunSettings(BaseModel):
                                                          "(every phase; 0: off)")
     aggregation: Literal[RULES] = Field("mean", description="how each parameter group is combined: mean (weighted by "  # type: ignore[valid-type]
                                                             "examples), or the Byzantine-robust median or trimmed-mean")
+    secure_aggregation: bool = Field(False, strict=False, description="the server learns, per parameter group, only "
+                                                                     "the weighted sum over the sites that trained it "
+                                                                     "(pairwise masks, Shamir dropout recovery); sites "
+                                                                     "clip and check their own updates")
+    secure_max_dropouts: int = Field(1, ge=0, description="secure aggregation: sites of a round that may vanish after "
+                                                          "masking and the round still completes")
+    secure_min_cohort: int = Field(2, ge=1, description="secure aggregation: a parameter group is aggregated only over "
+                                                        "at least this many sites")
+    dp_target_epsilon: float = Field(0.0, ge=0, description="patient-level DP-SGD on the adapters: each site's "
+                                                            "epsilon budget for the adapt phase (0: no DP)")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="DP: delta of the (epsilon, delta) guarantee")
+    dp_clip: float = Field(1.0, gt=0, description="DP: bound on one patient's gradient norm per step")
     round_timeout: float = Field(600.0, gt=0, description="seconds to wait for replies in a round")
     evaluate: bool = Field(True, strict=False, description="federated evaluation (Dice per site and mode) after "
                                                           "every adapt round")

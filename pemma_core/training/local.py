@@ -29,11 +29,13 @@ from monai.networks.utils import one_hot
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import DEFAULT_OVERLAP
 from pemma_core.modes import DEFAULT_MODE_WEIGHTS, check_mode
+from pemma_core.privacy import DpPlan
 
 __all__ = [
     "EvalResult",
     "TrainResult",
     "autocast",
+    "dp_train_step",
     "evaluate",
     "evaluate_cases",
     "mode_sampler",
@@ -51,6 +53,8 @@ class TrainResult:
     examples: dict[str, int]  # parameter group -> examples that trained it
     seconds: float
     mode_steps: dict[str, int] = field(default_factory=dict)
+    dp_steps: int = 0  # steps taken with DP-SGD (all of them when training had a DpPlan)
+    epsilon: float | None = None  # not computed by train_local: the caller's PrivacyLedger knows the run's total
 
 
 def mode_sampler(modes: Sequence[str], weights: Mapping[str, float] | None, seed: int) -> Iterator[str]:
@@ -129,6 +133,17 @@ def train_step(
     return float(loss.detach())
 
 
+def _training_setup(model: SegmentationModel, modes: Sequence[str], lr: float, mode_weights: Mapping[str, float] | None,
+                    seed: int, device: torch.device, optimizer: torch.optim.Optimizer | None):
+    """(optimiser, loss, mode draws, the model's groups) of a local training run, the model on ``device`` in train mode."""
+    model.to(device).train()
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return (optimizer, DiceCELoss(to_onehot_y=True, softmax=True), mode_sampler(modes, mode_weights, seed),
+            set(model.param_groups.values()))
+
+
 def train_local(
     model: SegmentationModel,
     loader: Iterable,
@@ -139,23 +154,26 @@ def train_local(
     seed: int = 0,
     device: str | torch.device = "cpu",
     optimizer: torch.optim.Optimizer | None = None,
+    dp: DpPlan | None = None,
 ) -> TrainResult:
     """Run ``steps`` :func:`train_step` calls on batches ``{"image": [B,2,...], "label": [B,1,...]}``
     (AdamW at ``lr`` unless ``optimizer`` is given, DiceCE loss).
 
     Only ``modes`` that the model runs are drawn, by :func:`mode_sampler`.
+
+    With ``dp`` every step is a DP-SGD step instead (:func:`dp_train_step`): the patients
+    are the items of ``loader.dataset`` (one random crop of case ``i`` at index ``i``, as
+    :func:`pemma_core.data.pipeline.train_loader` builds it), the loader's batches are not
+    used, and ``examples`` counts the patients sampled. ``loss`` is then the mean over the
+    sampled patients (0.0 if none was) and is not itself privatised.
     """
     device = torch.device(device)
     modes = [m for m in modes if m in model.modes]
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model.to(device).train()
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    all_groups = set(model.param_groups.values())
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    draws = mode_sampler(modes, mode_weights, seed)
+    if dp is not None:
+        return _train_local_dp(model, loader, modes, steps, lr, mode_weights, seed, device, optimizer, dp)
+    optimizer, loss_fn, draws, all_groups = _training_setup(model, modes, lr, mode_weights, seed, device, optimizer)
     examples: dict[str, int] = {}
     mode_steps: dict[str, int] = {}
     total = 0.0
@@ -170,6 +188,156 @@ def train_local(
         mode_steps[mode] = mode_steps.get(mode, 0) + 1
     return TrainResult(
         loss=total / steps, steps=steps, examples=examples, seconds=time.perf_counter() - start, mode_steps=mode_steps
+    )
+
+
+def _patients(loader: Any) -> Any:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            "DP training samples patients from loader.dataset, which must be a sized, indexable dataset "
+            f"(one item per training case); got {type(loader).__name__} with dataset {type(dataset).__name__}"
+        ) from None
+    if n < 1 or not hasattr(dataset, "__getitem__"):
+        raise ValueError(f"DP training needs at least one indexable training case in loader.dataset, got {n}")
+    return dataset
+
+
+def _one_crop(item: Any, index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[1, 2, ...]`` image and ``[1, 1, ...]`` label of one patient's item (MONAI croppers
+    return a list of crops: the first is taken, so a patient counts once)."""
+    if isinstance(item, (list, tuple)):
+        if not item:
+            raise ValueError(f"training case {index} gave no crop")
+        item = item[0]
+    if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
+        raise ValueError(f"training case {index} is not a dict with 'image' and 'label'")
+    image, label = torch.as_tensor(item["image"]), torch.as_tensor(item["label"])
+    if image.dim() != 4 or label.dim() != 4:
+        raise ValueError(
+            f"training case {index}: expected image [2, X, Y, Z] and label [1, X, Y, Z], "
+            f"got {tuple(image.shape)} and {tuple(label.shape)}"
+        )
+    return image[None].to(device), label[None].to(device)
+
+
+def _used_tensors(
+    model: SegmentationModel, mode: str, loss_fn: Callable, device: torch.device
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The tensors a step in ``mode`` changes: trainable, of a group the mode trains, and on
+    the mode's computation graph. Which tensors the graph reaches does not depend on the
+    data, so a zero input finds them; the others get neither gradient nor noise, as in
+    :func:`train_step` (the PET adapter stays put in mode ``ctpet``)."""
+    trained, groups = model.groups_for_mode(mode), model.param_groups
+    candidates = [(n, p) for n, p in model.named_parameters() if p.requires_grad and groups[n] in trained]
+    if not candidates:
+        return []
+    image = torch.zeros(1, 2, *model.roi_size, device=device)
+    label = torch.zeros(1, 1, *model.roi_size, device=device)
+    was_training = model.training
+    model.eval()  # the probe must not move normalisation statistics
+    try:
+        with autocast(device):
+            loss = loss_fn(model(image, mode).float(), label)
+        grads = torch.autograd.grad(loss, [p for _, p in candidates], allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [c for c, g in zip(candidates, grads) if g is not None]
+
+
+def dp_train_step(
+    model: SegmentationModel,
+    dataset: Any,
+    mode: str,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: str | torch.device,
+    dp: DpPlan,
+    generator: torch.Generator,
+    tensors: Sequence[tuple[str, torch.nn.Parameter]],
+) -> tuple[float, int]:
+    """One DP-SGD step in ``mode``; returns (summed loss, patients sampled).
+
+    Each of the ``len(dataset)`` patients is included with probability ``dp.sample_rate``
+    (``generator``); each included patient's gradient over ``tensors`` (jointly) is clipped
+    to ``dp.clip``; the sum gets Gaussian noise of standard deviation
+    ``dp.noise_multiplier * dp.clip`` per element and is divided by the expected batch
+    size ``dp.sample_rate * len(dataset)``. An empty draw is a step of noise alone.
+    Raises ``FloatingPointError`` on a non-finite loss, before the weights change.
+    """
+    device = torch.device(device)
+    n_patients = len(dataset)
+    params = [p for _, p in tensors]
+    chosen = torch.nonzero(torch.rand(n_patients, generator=generator) < dp.sample_rate).flatten().tolist()
+    summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    total = 0.0
+    for index in chosen:
+        image, label = _one_crop(dataset[index], index, device)
+        with autocast(device):
+            loss = loss_fn(model(image, mode).float(), label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} in mode {mode}")
+        total += float(loss.detach())
+        if not params:
+            continue
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(s) if g is None else g.float() for s, g in zip(summed, grads)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = min(1.0, dp.clip / float(norm)) if float(norm) > 0 else 1.0
+        for s, g in zip(summed, grads):
+            s.add_(g, alpha=scale)
+    expected = dp.sample_rate * n_patients
+    std = dp.noise_multiplier * dp.clip
+    optimizer.zero_grad(set_to_none=True)
+    for p, s in zip(params, summed):
+        if std > 0:
+            s.add_(torch.normal(0.0, std, size=tuple(s.shape), generator=generator).to(s.device))
+        p.grad = (s / expected).to(p.dtype)
+    optimizer.step()
+    return total, len(chosen)
+
+
+def _train_local_dp(
+    model: SegmentationModel,
+    loader: Any,
+    modes: Sequence[str],
+    steps: int,
+    lr: float,
+    mode_weights: Mapping[str, float] | None,
+    seed: int,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None,
+    dp: DpPlan,
+) -> TrainResult:
+    if not isinstance(dp, DpPlan):
+        raise ValueError(f"dp must be a DpPlan or None, got {type(dp).__name__}")
+    dataset = _patients(loader)
+    optimizer, loss_fn, draws, all_groups = _training_setup(model, modes, lr, mode_weights, seed, device, optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+    examples: dict[str, int] = {}
+    mode_steps: dict[str, int] = {}
+    total, sampled = 0.0, 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        mode = next(draws)
+        if mode not in tensors:
+            tensors[mode] = _used_tensors(model, mode, loss_fn, device)
+        loss, n = dp_train_step(model, dataset, mode, optimizer, loss_fn, device, dp, generator, tensors[mode])
+        total += loss
+        sampled += n
+        for g in model.groups_for_mode(mode) & all_groups:
+            examples[g] = examples.get(g, 0) + n
+        mode_steps[mode] = mode_steps.get(mode, 0) + 1
+    return TrainResult(
+        loss=total / sampled if sampled else 0.0,
+        steps=steps,
+        examples=examples,
+        seconds=time.perf_counter() - start,
+        mode_steps=mode_steps,
+        dp_steps=steps,
     )
 
 
