@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fed-wire-dtype", choices=tuple(WIRE_DTYPES), default=default("fed_wire_dtype"),
                         help="tensor dtype on the wire of the federated row (int8: blockwise absmax quantisation; "
                              f"default {default('fed_wire_dtype')}, the product default)")
+    parser.add_argument("--fed-secure-aggregation", action="store_true",
+                        help="federated row with secure aggregation (the server sees only each group's sum)")
+    parser.add_argument("--fed-dp-epsilon", type=float, default=0.0,
+                        help="federated row with patient-level DP-SGD: each site's epsilon (delta 1e-5; default 0: none)")
     parser.add_argument("--lr-backbone", type=float, default=default("lr_backbone"),
                         help=f"CT backbone and CNN learning rate (default {default('lr_backbone'):g})")
     parser.add_argument("--lr-full", type=float, default=default("lr_full"),

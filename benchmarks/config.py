@@ -83,6 +83,8 @@ class BenchConfig:
     fed_engine: str = "simulation"  # "simulation" (Flower + Ray) | "inprocess" (tests)
     fed_aggregation: str = field(default_factory=lambda: RunSettings.default("aggregation"))  # federated row's rule
     fed_wire_dtype: str = field(default_factory=lambda: RunSettings.default("wire_dtype"))  # federated row's tensors on the wire
+    fed_secure: bool = False  # federated row with secure aggregation
+    fed_dp_epsilon: float = 0.0  # federated row with DP-SGD at this epsilon per site (0: none)
     threads: int | None = None
     threads_reason: str = "given"
     sites_dir: Path = DEFAULT_SITES_DIR
@@ -157,6 +159,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         fed_engine=args.fed_engine,
         fed_aggregation=args.fed_aggregation,
         fed_wire_dtype=args.fed_wire_dtype,
+        fed_secure=bool(getattr(args, "fed_secure_aggregation", False)),
+        fed_dp_epsilon=float(getattr(args, "fed_dp_epsilon", 0.0) or 0.0),
         threads=args.threads,
         sites_dir=args.sites_dir.expanduser().resolve(),
         data_root=args.data_root,

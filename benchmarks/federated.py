@@ -48,6 +48,7 @@ def _settings(bench: BackboneBench, run_dir: Path) -> RunSettings:
         rounds=bench.budget.fed_rounds, local_steps=bench.budget.fed_local_steps, lr=config.lr_adapter,
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
         seed=config.seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
+        secure_aggregation=config.fed_secure, dp_target_epsilon=config.fed_dp_epsilon,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
 
@@ -155,6 +156,12 @@ def run_federated(bench: BackboneBench) -> dict[str, Any]:
     return {
         "row": "pemma-lora-fed", "label": ROW_LABELS["pemma-lora-fed"], "backbone": bench.name, "kind": "pemma",
         "adapter": "lora", "engine": config.fed_engine, "aggregation": settings.aggregation,
+        "secure_aggregation": settings.secure_aggregation,
+        "dp": {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
+               "epsilon_spent": {s["name"]: s.get("dp_epsilon") for s in metrics["rounds"][-1].get("sites", [])}}
+        if settings.dp_target_epsilon > 0 else None,
+        "round_wall_seconds": [r.get("wall_seconds") for r in metrics["rounds"]],
+        "round_train_wall_seconds": [r.get("train_wall_seconds") for r in metrics["rounds"]],
         "robust": robust_counts(metrics["rounds"], settings.aggregation, settings.outlier_factor),
         "examples_per_round": settings.local_steps * settings.batch_size,
         "site_min_examples_per_round": {site.name: site.limits.min_examples_per_round

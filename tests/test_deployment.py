@@ -64,11 +64,17 @@ RUN_CONFIG = {
     "local-steps": 1,
     "pretrain-rounds": 0,
     "batch-size": 1,
-    "min-sites": len(HOSPITALS),
-    "round-timeout": 120.0,
+    "min-sites": 2,  # round 2 completes without the hospital that vanishes in it
+    # a stage waits this long for a node that vanished (the SuperLink does not know it is gone)
+    "round-timeout": 45.0,
     "evaluate": False,
     "prognosis-rounds": 0,  # the prognosis phase is covered in-process (test_simulation_federation.py)
+    "secure-aggregation": True,  # the server sees only sums...
+    "dp-target-epsilon": 8.0,  # ...of DP-SGD updates
 }
+# Killed in round 2 once its masked update has left (its SuperNode logs "Sent successfully" after
+# "Sending: train message"), before the unmasking stages: the round completes with the survivors' sum.
+VICTIM = "hospital-1"
 # Waits time out on a stall (nothing written for this long), not on total time.
 STARTUP_TIMEOUT = 45.0
 RUN_TIMEOUT = 180.0
@@ -514,15 +520,26 @@ def test_tls_authenticated_deployment_runs_two_rounds_and_refuses_unknown_supern
             runs = reply.get("runs") or [{}]
             return str(runs[0].get("status", ""))
 
+        killed: list[str] = []
+
+        def kill_victim_after_its_masked_update() -> None:
+            text = nodes[VICTIM].log.read_text(errors="replace")
+            sends = [m.start() for m in re.finditer(r"Sending: train message", text)]
+            if not killed and len(sends) >= ROUNDS and "Sent successfully" in text[sends[ROUNDS - 1]:]:
+                nodes[VICTIM].snapshot()
+                os.killpg(nodes[VICTIM].popen.pid, signal.SIGKILL)
+                killed.append(VICTIM)
+
         def progressed():
+            kill_victim_after_its_masked_update()
             status = run_status()
             if status.startswith("finished"):
                 return status
-            dead = [p.name for p in (link, *nodes.values()) if p.popen.poll() is not None]
+            dead = [p.name for p in (link, *nodes.values()) if p.popen.poll() is not None and p.name not in killed]
             assert not dead, f"{dead} exited during the run\n{d.diagnostics()}"
             return None
 
-        # 7. the run completes: two rounds, three hospitals each
+        # 7. the run completes: two rounds, three hospitals in the first, the two survivors in the second
         final = _wait(progressed, RUN_TIMEOUT, f"run {run_id} to finish", d, poll=2.0)
         run_log = d.flwr("log", run_id, CONNECTION, "--show", timeout=60.0)
         (d.logs / "run.log").write_text(run_log.stdout + run_log.stderr)
@@ -534,9 +551,25 @@ def test_tls_authenticated_deployment_runs_two_rounds_and_refuses_unknown_supern
         expected = {node_ids[h]: _site_name(sites[h]) for h in HOSPITALS}
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert [r["round"] for r in metrics["rounds"]] == list(range(1, ROUNDS + 1)), metrics["rounds"]
+        assert killed == [VICTIM]
         for record in metrics["rounds"]:
+            survivors = expected if record["round"] < ROUNDS else {n: s for n, s in expected.items()
+                                                                   if n != node_ids[VICTIM]}
             served = {int(s["node_id"]): s["name"] for s in record["sites"] if s["status"] == "ok"}
-            assert served == expected, record
+            assert served == survivors and record["aggregated"], record
+            secure = record["secure_aggregation"]
+            assert secure["final"] == sorted(survivors.values()), secure
+            assert all(0 < s["dp_epsilon"] <= RUN_CONFIG["dp-target-epsilon"] for s in record["sites"]
+                       if s["status"] == "ok"), record
+        assert metrics["rounds"][-1]["secure_aggregation"]["dropped"] == {
+            _site_name(sites[VICTIM]): "after its masked update, before unmasking"}
+        for name in HOSPITALS:  # what each hospital sent: masked integers only, never a float tensor
+            from pemma_core.config.site import load_site_config
+
+            audit = Path(load_site_config(sites[name]).cache_dir) / "audit.jsonl"
+            entries = [json.loads(line) for line in audit.read_text().splitlines()]
+            dtypes = {t["dtype"] for e in entries for t in e["tensors"]}
+            assert dtypes == {"uint32"}, (name, dtypes)
         for name, proc in nodes.items():
             assert _log_has(proc, f"[RUN {run_id}"), f"{name} took no part in run {run_id}\n{proc.tail()}"
     finally:
