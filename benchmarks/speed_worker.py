@@ -111,20 +111,22 @@ def worker(task: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_worker(task: Mapping[str, Any], timeout: float = 3600.0) -> dict[str, Any]:
-    """Run :func:`worker` in a fresh interpreter; its result is the last ``RESULT_PREFIX`` line."""
+def run_worker(task: Mapping[str, Any], timeout: float = 3600.0, module: str = "benchmarks.speed_worker",
+               flag: str = "--task") -> dict[str, Any]:
+    """Run ``module``'s worker (``python -m MODULE FLAG JSON``) in a fresh interpreter; its result is
+    the last ``RESULT_PREFIX`` line."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if task.get("threads"):
         env["OMP_NUM_THREADS"] = str(task["threads"])
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed_worker", "--task", json.dumps(dict(task))],
+        [sys.executable, "-m", module, flag, json.dumps(dict(task))],
         cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"speed worker {task.get('variant')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{module} worker {task.get('variant')} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,10 @@ def prepare_run_dir(settings: RunSettings) -> RunDir:
     return run
 
 
+# Spec fields a resumed run may change: how the model computes, not what it computes.
+RESUMABLE_SPEC_FIELDS = frozenset({"checkpointing"})
+
+
 def check_same_spec(run: RunDir, saved: Any, spec: ModelSpec) -> None:
     """Refuse to resume ``run`` with a model spec other than the one it was started with."""
     try:
@@ -76,7 +80,8 @@ def check_same_spec(run: RunDir, saved: Any, spec: ModelSpec) -> None:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot resume {run.path}: {run.run_json} holds no usable model spec ({exc})") from None
     changed = [f"{f.name} {getattr(previous, f.name)!r} -> {getattr(spec, f.name)!r}"
-               for f in dataclasses.fields(ModelSpec) if getattr(previous, f.name) != getattr(spec, f.name)]
+               for f in dataclasses.fields(ModelSpec)
+               if f.name not in RESUMABLE_SPEC_FIELDS and getattr(previous, f.name) != getattr(spec, f.name)]
     if changed:
         raise ValueError(f"cannot resume {run.path}: its model spec differs from this run's ({', '.join(changed)}); "
                          "resume with the run's own model settings or start a new run folder")

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last finished round (its settings, plus options given here)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip: " + RunSettings.help("evaluate"))
+    parser.add_argument("--activation-checkpointing", action="store_true", default=None,
+                        help=RunSettings.help("activation-checkpointing"))
     parser.add_argument("--secure-aggregation", action="store_true", default=None,
                         help=RunSettings.help("secure-aggregation"))
     from simulation.adversary import ADVERSARY_KINDS
@@ -86,8 +88,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         values["backbone_file"] = str(args.backbone_file.expanduser().resolve())
     if args.no_evaluate:
         values["evaluate"] = False
-    if getattr(args, "secure_aggregation", None):
-        values["secure_aggregation"] = True
+    for flag in ("secure_aggregation", "activation_checkpointing"):
+        if getattr(args, flag, None):
+            values[flag] = True
     if not values.get("site_configs") and "federation_dir" not in values:  # the phantom federation, in the run folder
         values["federation_dir"] = str(Path(values["run_dir"]) / "federation")
     settings = RunSettings(**values)

@@ -82,6 +82,9 @@ class RunSettings(BaseModel):
     adapter: Literal[ADAPTERS] = Field("lora", description="adapter")  # type: ignore[valid-type]
     rank: int = Field(8, ge=1, description="LoRA/DoRA rank")
     alpha: int = Field(16, ge=1, description="LoRA/DoRA alpha")
+    activation_checkpointing: bool = Field(False, strict=False, description="recompute the frozen blocks' activations "
+                                                                           "in backward instead of keeping them: less "
+                                                                           "training memory, slower steps (same maths)")
     # ------------------------------------------------------------- training
     rounds: int = Field(5, ge=1, alias="num-server-rounds", description="adapt rounds")
     local_steps: int = Field(10, ge=1, description="optimiser steps per site per adapt round")
@@ -193,7 +196,8 @@ class RunSettings(BaseModel):
     # ------------------------------------------------------------- derived
     def model_spec(self) -> ModelSpec:
         """The model this run trains (backbone, preset, adapter, rank, alpha)."""
-        return ModelSpec(backbone=self.backbone, preset=self.preset, adapter=self.adapter, rank=self.rank, alpha=self.alpha)
+        return ModelSpec(backbone=self.backbone, preset=self.preset, adapter=self.adapter, rank=self.rank, alpha=self.alpha,
+                         checkpointing=self.activation_checkpointing)
 
     def site_config_list(self) -> list[Path]:
         """The site YAMLs of ``site-configs``, in partition order (empty: none named)."""

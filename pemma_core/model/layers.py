@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
+from monai.networks.blocks import Convolution, UnetResBlock
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pemma_core.model.monai_speed import speed_up_monai_modules
 from pemma_core.model.spec import ModelSpec
@@ -144,14 +145,152 @@ class ModalitySkip(nn.Module):
         self.pet_gate = nn.Conv3d(channels, channels, 1)
         nn.init.zeros_(self.pet_gate.weight)
         nn.init.zeros_(self.pet_gate.bias)
+        # Set by spec.checkpointing: the PET path is the last one backward reaches, so its
+        # full-resolution activations are recomputed there instead of held through all of it.
+        self.recompute_pet = False
+
+    def _pet_skip(self, pet: torch.Tensor) -> torch.Tensor:
+        return self.pet_gate(self.pet_block(pet))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.state.mode
         primary = x[:, 0:1] if "ct" in REQUIRED_MODALITIES[mode] else x[:, 1:2]
         out = self.encoder1(primary)
         if "pet" in REQUIRED_MODALITIES[mode]:
-            out = out + self.pet_gate(self.pet_block(x[:, 1:2]))
+            pet = x[:, 1:2]
+            if self.recompute_pet and self.training and torch.is_grad_enabled():
+                out = out + checkpoint(self._pet_skip, pet, use_reentrant=False)
+            else:
+                out = out + self._pet_skip(pet)
         return out
+
+
+class _InputFreeConv3dFunction(torch.autograd.Function):
+    """``conv3d`` whose backward returns only the input's gradient, so it keeps the weight, not the input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(weight)
+        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        # The input's gradient is the transposed conv of the output's. Not
+        # torch.nn.grad.conv3d_input: on CPU it materialises a stand-in input of the full
+        # input size, the very tensor this function exists not to hold.
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conv
+        extra = tuple(
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(shape[2:], grad.shape[2:], stride, padding, dilation, weight.shape[2:])
+        )
+        grad_x = F.conv_transpose3d(grad, weight, None, stride, padding, extra, groups, dilation)
+        return grad_x, None, None, None, None, None, None
+
+
+class InputFreeConv3d(nn.Conv3d):
+    """An ``nn.Conv3d`` that, while its weight and bias are frozen, does not keep its input
+    for backward: the input's gradient needs only the weight.
+
+    Autograd's own conv keeps the input whatever requires grad; at full resolution that is
+    the largest tensor of the block (the decoder's concatenated skip). Same parameters,
+    ``state_dict`` and kernels. Swapped in by :func:`free_frozen_conv_inputs`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        plain = self.padding_mode != "zeros" or isinstance(self.padding, str)
+        if plain or not (frozen and x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        return _InputFreeConv3dFunction.apply(x, self.weight, self.bias, self.stride, self.padding,
+                                              self.dilation, self.groups)
+
+
+def free_frozen_conv_inputs(block: nn.Module) -> nn.Module:
+    """Every plain ``nn.Conv3d`` in ``block`` becomes an :class:`InputFreeConv3d`, in place; returns ``block``."""
+    for module in block.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = InputFreeConv3d
+    return block
+
+
+class LeanUnetResBlock(UnetResBlock):
+    """MONAI's ``UnetResBlock`` that keeps only its convs' outputs for backward.
+
+    In a training forward with gradients its parameter-free parts (the norms, the
+    activations, the residual sum) run under ``torch.utils.checkpoint`` and are recomputed
+    in backward: they are cheap, but each keeps a tensor of the block's full size, and a
+    norm followed by an in-place activation keeps two. Same parameters, ``state_dict`` and
+    values as MONAI's forward; with :func:`free_frozen_conv_inputs` on its frozen convs too,
+    the block keeps three of its eight tensors. Swapped in by :func:`lean_res_block`.
+    """
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(inp)
+        # one name for the main path, rebound at once: each tensor it held is freed as soon
+        # as nothing needs it, or the forward would hold more than MONAI's
+        h = checkpoint(self._norm_act, self.conv1(inp), use_reentrant=False)
+        h = self.conv2(h)
+        residual = self.conv3(inp) if hasattr(self, "conv3") else inp
+        return checkpoint(self._merge, h, residual, use_reentrant=False)
+
+    def _norm_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrelu(self.norm1(x))
+
+    def _merge(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(out)
+        if hasattr(self, "norm3"):
+            residual = self.norm3(residual)
+        out += residual
+        return self.lrelu(out)
+
+
+def lean_res_block(block: nn.Module) -> nn.Module:
+    """``block`` (a MONAI ``UnetResBlock``) made a :class:`LeanUnetResBlock`, in place; returns it."""
+    if type(block) is not UnetResBlock:
+        raise ValueError(f"expected a MONAI UnetResBlock, got {type(block).__name__}")
+    block.__class__ = LeanUnetResBlock
+    return block
+
+
+class Recomputed:
+    """Mixin that makes a block keep only its inputs for backward and recompute the rest.
+
+    In a training forward with gradients the block runs under ``torch.utils.checkpoint``
+    (non-reentrant, so gradients reach trainable tensors inside the block too, and the
+    RNG state is replayed); in eval or under ``no_grad`` it runs as it is. Swapped in by
+    :func:`recompute_in_backward`, which keeps the block's parameters, buffers and
+    ``state_dict`` keys, so files and fingerprints do not see it.
+    """
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        forward = super().forward  # type: ignore[misc]
+        if self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+
+# One recomputing subclass per block class, published in this module under its own name
+# so that a model holding one still pickles and deep-copies.
+_RECOMPUTED: dict[type, type] = {}
+
+
+def recompute_in_backward(module: nn.Module) -> nn.Module:
+    """Make ``module`` (in place) a :class:`Recomputed` block of its own class; returns it."""
+    cls = type(module)
+    if issubclass(cls, Recomputed):
+        return module
+    if cls not in _RECOMPUTED:
+        name = f"Recomputed{cls.__name__}"
+        if name in globals():
+            raise ValueError(f"two block classes named {cls.__name__!r} cannot both be recomputed")
+        sub = type(name, (Recomputed, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = sub
+        _RECOMPUTED[cls] = sub
+    module.__class__ = _RECOMPUTED[cls]
+    return module
 
 
 def parameter_groups(root: nn.Module) -> dict[str, str]:

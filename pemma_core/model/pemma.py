@@ -20,7 +20,15 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from pemma_core.model.layers import ModalityPatchEmbed, ModalitySkip, ModeState, parameter_groups
+from pemma_core.model.layers import (
+    ModalityPatchEmbed,
+    ModalitySkip,
+    ModeState,
+    free_frozen_conv_inputs,
+    lean_res_block,
+    parameter_groups,
+    recompute_in_backward,
+)
 from pemma_core.model.spec import PRESETS, TARGETS, ModelSpec
 from pemma_core.modes import MODES, check_mode
 
@@ -31,6 +39,38 @@ MODE_GROUPS: dict[str, frozenset[str]] = {
     "pet": frozenset({"shared", "pet"}),
     "ctpet": frozenset({"shared", "pet", "fusion"}),
 }
+
+# What ``spec.checkpointing`` changes (benchmarks/memory.py measures it). Profiling a small
+# preset step: the full-resolution decoder block holds most saved activations, but it is
+# the first block backward needs, so recomputing it would rebuild them while every other
+# block's are still held and the peak would not move. So every block backward reaches after
+# it (RECOMPUTED_BLOCKS, and the PET skip branch, which is trainable but full-resolution and
+# reached last) keeps only its inputs and is recomputed; the full-resolution block itself
+# recomputes only its cheap parameter-free parts, and its frozen convs (and the output conv)
+# keep no input (FULL_RESOLUTION_BLOCK).
+RECOMPUTED_BLOCKS: dict[str, tuple[str, ...]] = {
+    "unetr": (
+        *(f"vit.blocks.{i}" for i in range(12)),
+        "encoder2", "encoder3", "encoder4", "decoder5", "decoder4", "decoder3",
+    ),
+    "swin-unetr": (
+        "swinViT.layers1.0", "swinViT.layers2.0", "swinViT.layers3.0", "swinViT.layers4.0",
+        "encoder2", "encoder3", "encoder4", "encoder10",
+        "decoder5", "decoder4", "decoder3", "decoder2",
+    ),
+}
+FULL_RESOLUTION_BLOCK = {"unetr": "decoder2", "swin-unetr": "decoder1"}
+
+
+def _recompute_in_backward(net: nn.Module, backbone_name: str) -> None:
+    """Apply ``spec.checkpointing`` to the PEMMA network ``net``, in place (see above)."""
+    for path in RECOMPUTED_BLOCKS[backbone_name]:
+        recompute_in_backward(net.get_submodule(path))
+    full_resolution = net.get_submodule(FULL_RESOLUTION_BLOCK[backbone_name])
+    lean_res_block(full_resolution.conv_block)
+    free_frozen_conv_inputs(full_resolution)
+    free_frozen_conv_inputs(net.out)
+    net.encoder1.recompute_pet = True
 
 
 class SegmentationModel(nn.Module):
@@ -114,6 +154,8 @@ class PemmaModel(SegmentationModel):
             use_dora=spec.adapter == "dora",
         )
         self.net = inject_adapter_in_model(lora, net)
+        if spec.checkpointing:
+            _recompute_in_backward(self.net, spec.backbone)
         if spec.survival:
             # imported here: lifelines (behind the survival module) is slow to load and
             # only survival models need it

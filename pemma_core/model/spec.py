@@ -69,6 +69,9 @@ class ModelSpec:
     survival: bool = False  # add a Cox risk head on the pooled encoder tokens (group prognosis)
     ehr_features: int = 0  # width of the preprocessed EHR vector; > 0 adds the EHR encoder (group ehr)
     ehr_embedding: int = 8
+    # PEMMA only, training only: recompute activations in backward instead of keeping them
+    # (less peak memory, a slower step; outputs and gradients unchanged; pemma.RECOMPUTED_BLOCKS)
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _choice("backbone", self.backbone, BACKBONES)
@@ -87,6 +90,10 @@ class ModelSpec:
             raise ValueError(f"ehr_features must be >= 0, got {self.ehr_features}")
         if self.ehr_features and not self.survival:
             raise ValueError("ehr_features needs survival=True: the EHR branch feeds the survival head")
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"checkpointing must be true or false, got {self.checkpointing!r}")
+        if self.checkpointing and self.kind != "pemma":
+            raise ValueError(f"checkpointing applies to kind 'pemma' only, not {self.kind!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
