@@ -78,7 +78,7 @@ def _simulate(settings: RunSettings, config: BenchConfig, say: Say) -> Path:
         os.environ.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        path = simulate(settings)
+        path = simulate(settings, engine="ray")
     for line in buffer.getvalue().splitlines():
         if line.strip():
             say("  flower: " + line.strip())

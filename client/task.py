@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -295,15 +296,31 @@ def site_backbone(site: SiteConfig, node_config: Mapping[str, Any], fingerprint:
     return backbone
 
 
+_MODELS: collections.OrderedDict[tuple[str, ...], SegmentationModel] = collections.OrderedDict()
+_MODELS_KEPT = 4  # models kept per process, least recently used dropped (a simulation of many sites keeps few)
+
+
 def build_site_model(
     site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
 ) -> SegmentationModel:
-    """The PEMMA model on the server's backbone with the global adapters ``arrays`` loaded."""
+    """The PEMMA model on the server's backbone with the global adapters ``arrays`` loaded.
+
+    A process serving several messages (a simulation, or a SuperNode's long-lived ClientApp) keeps
+    the last few models built and only loads the new adapters into them: building a model and
+    hashing its backbone cost more than a local round of the tiny preset. Every trainable tensor
+    is replaced by ``arrays`` and nothing else trains, so a kept model equals a fresh one."""
     fingerprint = str(instruction.fingerprint)
-    backbone = site_backbone(site, node_config, fingerprint)
-    model = build_model(instruction.spec, backbone)
-    if model.fingerprint != fingerprint:
-        raise BackboneMismatchError(f"site {site.name}: model fingerprint {model.fingerprint[:12]}... != {fingerprint[:12]}...")
+    key = (site.name, str(site.path), fingerprint, instruction.spec.to_json(), str(node_config.get("backbone-file", "")))
+    model = _MODELS.pop(key, None)
+    if model is None:
+        backbone = site_backbone(site, node_config, fingerprint)
+        model = build_model(instruction.spec, backbone)
+        if model.fingerprint != fingerprint:
+            raise BackboneMismatchError(
+                f"site {site.name}: model fingerprint {model.fingerprint[:12]}... != {fingerprint[:12]}...")
+    _MODELS[key] = model
+    while len(_MODELS) > _MODELS_KEPT:
+        _MODELS.popitem(last=False)
     try:
         load_trainable_state(model, protocol.to_tensors(arrays))
     except AdapterMismatchError as exc:
@@ -388,7 +405,8 @@ class PrivateSteps:
         self.plan = plan_dp(float(dp["target_epsilon"]), float(dp["delta"]), float(dp["clip"]),
                             int(instruction.batch_size), n_patients, int(dp["planned_steps"]))
         self.ledger = privacy_ledger(site)
-        self.key = f"{dp.get('run', '')}:{instruction.fingerprint}"
+        # One budget per site and run: sites may share a cache folder, a run folder may be reused.
+        self.key = f"{dp.get('run', '')}:{site.name}:{instruction.fingerprint}"
         taken = self.ledger.steps_taken(self.key)
         self.steps = steps_within_budget(self.plan, taken, int(instruction.local_steps))
         self.stopped = ""

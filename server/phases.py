@@ -199,7 +199,7 @@ def adapt(
     dp = None
     if settings.dp_target_epsilon > 0:  # each site's budget covers the whole adapt phase, resumed rounds included
         dp = {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
-              "planned_steps": settings.rounds * settings.local_steps, "run": Path(settings.run_dir).name}
+              "planned_steps": settings.rounds * settings.local_steps, "run": str(run.metrics()["run"]["run_uid"])}
     instruction = Instruction(local_steps=settings.local_steps, lr=settings.lr, batch_size=settings.batch_size,
                               seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp)
     return run_phase(grid, settings, run, Phase(

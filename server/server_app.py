@@ -27,6 +27,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def prepare_run_dir(settings: RunSettings) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_json(run.run_json, settings.to_json())
     run.start_segment(run.finished_rounds() if settings.resume else None)  # before a resume forgets anything
+    if not run.metrics()["run"].get("run_uid"):  # names this run to the sites (their privacy ledgers), kept on resume
+        run.update_run_info(run_uid=uuid.uuid4().hex)
     return run
 
 

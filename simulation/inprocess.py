@@ -1,8 +1,8 @@
 """An in-process Flower ``Grid``: a ServerApp's messages go straight to ClientApps in
 this process, one site at a time, no Ray and no SuperLink.
 
-For tests and debugging only (a breakpoint in a client handler just works); runs use
-Flower's simulation engine (:mod:`simulation.simulate`) or a deployment. The grid
+``pemma simulate``'s default engine (:mod:`simulation.simulate`), and the tests' (a
+breakpoint in a client handler just works). The grid
 behaves like Flower's on the points the pemma apps rely on: a ClientApp that raises
 becomes an error reply (as the simulation engine does), a node can be marked
 ``disconnected`` (no reply, as after a timeout), and every message in both directions
@@ -42,8 +42,10 @@ class InProcessGrid(Grid):
         client_app: ClientApp,
         node_configs: Sequence[Mapping[str, Any]],
         run_config: Mapping[str, Any] | None = None,
+        keep_transcript: bool = True,
     ) -> None:
         self.client_app = client_app
+        self.keep_transcript = keep_transcript  # a run (pemma simulate) keeps none: replies hold tensors
         self.contexts: dict[int, Context] = {
             i + 1: Context(
                 run_id=1,
@@ -92,7 +94,8 @@ class InProcessGrid(Grid):
                                     reply_to=msg)
                 reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
                 self._replies[message_id] = reply
-            self.transcript.append(Exchange(msg, reply))
+            if self.keep_transcript:
+                self.transcript.append(Exchange(msg, reply))
             ids.append(message_id)
         return ids
 

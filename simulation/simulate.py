@@ -1,4 +1,4 @@
-"""``pemma simulate``: a whole federation on this machine, on Flower's simulation engine.
+"""``pemma simulate``: a whole federation on this machine (in process, or on Flower's simulation engine).
 
 With no argument it writes the default phantom federation (3 sites: CT, CT+PET,
 CT+PET+EHR) into the run folder, runs ``pretrain-ct``, ``adapt`` then ``prognosis`` (the
@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last finished round (its settings, plus options given here)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip: " + RunSettings.help("evaluate"))
+    parser.add_argument("--engine", choices=ENGINES, default="inprocess",
+                        help="inprocess (default): every site in this process, one at a time; ray: Flower's "
+                             "simulation engine (a Ray worker process per site at a time)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help=RunSettings.help("activation-checkpointing"))
     parser.add_argument("--secure-aggregation", action="store_true", default=None,
@@ -222,14 +225,22 @@ def _recording(run_dir: str | Path, adversaries: Mapping[str, str], progress: Ca
     return record_then_progress
 
 
-def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str] | None = None) -> Path:
-    """Run ``settings`` on Flower's simulation engine; returns the run folder.
+ENGINES = ("inprocess", "ray")
 
+
+def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str] | None = None,
+             engine: str = "inprocess") -> Path:
+    """Run ``settings`` on one machine; returns the run folder.
+
+    ``engine``: ``inprocess`` (default) runs the ServerApp's federation and every site's ClientApp
+    in this process, one site at a time (:class:`simulation.inprocess.InProcessGrid`);
+    ``ray`` runs them on Flower's simulation engine (Ray workers, one process per worker).
+    Both run the same apps and messages; sites train one at a time either way (Flower's
+    backend is given every core per site, :func:`backend_config`), so the in-process engine only
+    drops Ray's start-up, worker imports and message passing (docs/ARCHITECTURE.md, simulation).
     ``adversaries`` (site name -> kind of :data:`simulation.adversary.ADVERSARY_KINDS`)
     make those sites misbehave; they are recorded in the run info (``adversaries``).
     """
-    from flwr.simulation import run_simulation
-
     from client.client_app import make_client_app
     from pemma_core.phantoms.coordination import ensure_phantom_federation
     from server.report import write_report
@@ -258,15 +269,30 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
                 f"prognosis rounds -> {settings.run_dir}", file=sys.stdout)
     for site, kind in adversaries.items():
         console.say(f"pemma simulate: adversary {site} misbehaves: {kind} ({ADVERSARY_KINDS[kind]})", file=sys.stdout)
-    _start_ray(cpus, verbose)
-    with _interrupts_stop(settings.run_dir):
-        run_simulation(
-            server_app=make_server_app(overrides, progress=_recording(settings.run_dir, adversaries, print_round)),
-            client_app=make_client_app(overrides, mods=mods),
-            num_supernodes=len(sites),
-            backend_config=backend_config(cpus),
-            verbose_logging=verbose,
-        )
+    progress = _recording(settings.run_dir, adversaries, print_round)
+    if engine == "ray":
+        from flwr.simulation import run_simulation
+
+        _start_ray(cpus, verbose)
+        with _interrupts_stop(settings.run_dir):
+            run_simulation(
+                server_app=make_server_app(overrides, progress=progress),
+                client_app=make_client_app(overrides, mods=mods),
+                num_supernodes=len(sites),
+                backend_config=backend_config(cpus),
+                verbose_logging=verbose,
+            )
+    elif engine == "inprocess":
+        from server.server_app import run_federation
+        from simulation.inprocess import InProcessGrid
+
+        grid = InProcessGrid(make_client_app(overrides, mods=mods),
+                             [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))],
+                             overrides, keep_transcript=False)
+        with _interrupts_stop(settings.run_dir):
+            run_federation(grid, settings, progress)
+    else:
+        raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     run = RunDir(settings.run_dir)
     if not run.metrics()["rounds"]:
         raise RuntimeError(f"the simulation ended without finishing a round; see the log above (run folder {run.path})")
@@ -295,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         raise console.UsageError(str(exc)) from exc
     started = time.perf_counter()
     try:
-        path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries)
+        path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries,
+                        engine=args.engine)
     except AdversarySiteError as exc:
         raise console.UsageError(str(exc)) from exc
     from server.report import overhead_share

@@ -153,3 +153,31 @@ def test_the_simulate_options_reach_the_run_settings(tmp_path: Path) -> None:
         ["--secure-aggregation", "--dp-target-epsilon", "8", "--phantom-sites", "16", "--out", str(tmp_path / "r")]))
     assert settings.secure_aggregation is True and settings.dp_target_epsilon == 8.0 and settings.phantom_sites == 16
     assert settings_from_args(parser.parse_args(["--out", str(tmp_path / "s")])).secure_aggregation is False
+
+
+def test_each_site_and_run_has_its_own_privacy_budget(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
+    import yaml
+
+    # Three sites sharing one cache folder (as the bench's IBSI sites do), and the same run folder
+    # used twice: every site of every run starts its own budget.
+    shared = tmp_path / "shared-cache"
+    sites = []
+    for path in federation:
+        data = yaml.safe_load(path.read_text())
+        data["cache_dir"] = str(shared)
+        copy = path.parent / f"shared-cache-{tmp_path.name}.yaml"  # beside the original: its relative paths hold
+        copy.write_text(yaml.safe_dump(data))
+        sites.append(copy)
+    for target in (4.0, 8.0):
+        out = tmp_path / "run"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        run_dir, _ = run(out, sites, backbone_file, dp_target_epsilon=target, rounds=1)
+        record = run_dir.metrics()["rounds"][0]
+        assert record["aggregated"], record
+        assert all(s["status"] == "ok" and 0 < s["dp_epsilon"] <= target for s in record["sites"]), record
+        # same number of patients, same plan, same steps: the same epsilon, none counting another site's steps
+        assert len({round(s["dp_epsilon"], 9) for s in record["sites"]}) == 1, record["sites"]
+        assert all(s["dp_steps"] == 2 and "dp_stopped" not in s for s in record["sites"]), record["sites"]

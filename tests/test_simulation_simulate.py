@@ -1,4 +1,5 @@
-"""`pemma simulate` end to end on Flower's simulation engine (Ray), then evaluate and predict."""
+"""`pemma simulate` end to end on Flower's simulation engine (Ray) and in process (the default),
+then evaluate and predict."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pemma_core.model.files import read_adapter_file
 
 pytestmark = pytest.mark.slow  # Ray simulation engine
 
+RUN_OPTIONS = ("--rounds", "2", "--pretrain-rounds", "1", "--local-steps", "1", "--pretrain-steps", "1", "--phantom-cases",
+               "3", "--wire-dtype", "float16", "--prognosis-rounds", "1", "--prognosis-steps", "2")
+
 
 def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pemma_core.cli", *args], capture_output=True, text=True, timeout=timeout)
@@ -23,9 +27,7 @@ def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("simulate") / "run"
-    done = pemma("simulate", "--rounds", "2", "--pretrain-rounds", "1", "--local-steps", "1", "--pretrain-steps", "1",
-                 "--phantom-cases", "3", "--wire-dtype", "float16", "--prognosis-rounds", "1", "--prognosis-steps", "2",
-                 "--out", str(out))
+    done = pemma("simulate", *RUN_OPTIONS, "--engine", "ray", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[adapt round 2]" in done.stdout and "site-3" in done.stdout  # progress was shown
     assert "[prognosis round 3]" in done.stdout and "final prognosis C-index" in done.stdout
@@ -109,3 +111,20 @@ def test_ctrl_c_ends_the_simulation_at_once_and_points_at_resume(tmp_path: Path)
     assert proc.returncode == 130
     assert "still running" not in proc.stdout
     assert f"pemma simulate --resume {tmp_path}" in proc.stderr
+
+
+def test_the_in_process_engine_ends_where_flowers_simulation_engine_ends(run_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "run"
+    done = pemma("simulate", *RUN_OPTIONS, "--out", str(out))  # the default engine: in process
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ray_rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    here_rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [(r["phase"], r["round"], r["aggregated"]) for r in here_rounds] == [
+        (r["phase"], r["round"], r["aggregated"]) for r in ray_rounds]
+    ray_adapters, _ = read_adapter_file(run_dir / "adapters" / "round-2.safetensors")
+    here_adapters, _ = read_adapter_file(out / "adapters" / "round-2.safetensors")
+    assert ray_adapters.keys() == here_adapters.keys()
+    for name, tensor in ray_adapters.items():  # the same apps and messages: the same numbers
+        np.testing.assert_allclose(here_adapters[name].numpy(), tensor.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
