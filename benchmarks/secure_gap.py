@@ -7,12 +7,12 @@ in this process on :class:`simulation.inprocess.InProcessGrid` (deterministic, n
 * ``plain``: the product defaults;
 * ``secure``: ``secure-aggregation = true``;
 * ``nudged`` (the control): plain, but every aggregated global tensor moved by one float32
-  ulp (``np.nextafter`` towards +inf) after each round: the smallest change any different
-  arithmetic could make.
+  ulp (``np.nextafter`` towards +inf) after each round of every phase (secure aggregation
+  runs in every phase too): the smallest change any different arithmetic could make.
 
 Per adapt round: ``||run - plain|| / ||plain - initial||`` over all adapter tensors. The
-first round measures the aggregation alone (same site updates); later rounds add what local
-training makes of a tiny difference in the tensors it starts from.
+pretrain-ct rounds before them already start from different backbones; every round adds what
+local training makes of a tiny difference in the tensors it starts from.
 
     python -m benchmarks.secure_gap --out DIR
 """
@@ -52,7 +52,7 @@ def _run(out: Path, federation_dir: Path, **changes: Any) -> RunDir:
 def _nudged_aggregate(original):
     def aggregate_train(self, server_round, replies):
         out = original(self, server_round, replies)
-        if self.phase == "adapt" and out[0] is not None:
+        if out[0] is not None:  # every phase, as secure aggregation
             self.global_state = {k: np.nextafter(v, np.float32(np.inf)).astype(v.dtype) for k, v in self.global_state.items()}
         return out
 
