@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -436,16 +436,7 @@ class PemmaStrategy(FedAvg):
         accepted: dict[int, dict[str, np.ndarray]] = {}
         losses: list[tuple[float, int]] = []
         replied: set[int] = set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if sr is None or node in replied or node not in sr.names:
-                continue
-            replied.add(node)
-            report = record.site(node, self._name(node))
-            if msg.has_error():
-                self._fail(record, report, node, msg.error.reason, "")
-                continue
-            report.bytes_up = records.reply_bytes(msg)
+        for node, report, msg in self._train_replies(record, replies, sr.names if sr is not None else {}, replied):
             reply, malformed = records.read_reply(msg)
             kind = protocol.TRAIN[self.phase]
             problems = malformed + protocol.reply_problems(kind, Reply({}, reply.metrics, reply.meta), (), self.roi_size)
@@ -512,6 +503,22 @@ class PemmaStrategy(FedAvg):
                  ", ".join(sorted(record.contributors)), ", ".join(sr.final))
         return state_to_record(self.global_state), MetricRecord(record.train_metrics)
 
+    def _train_replies(self, record: RoundRecord, replies: Iterable[Message], asked: Iterable[int] | Mapping[int, Any],
+                       replied: set[int]) -> Iterator[tuple[int, SiteReport, Message]]:
+        """(node, its report, its reply) for the first reply of each node ``asked``, its bytes counted;
+        an error reply fails its site instead. Every node that replied is added to ``replied``."""
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node in replied or node not in asked:  # a second reply, or from a node not asked
+                continue
+            replied.add(node)
+            report = record.site(node, self._name(node))
+            if msg.has_error():
+                self._fail(record, report, node, msg.error.reason, "")
+                continue
+            report.bytes_up = records.reply_bytes(msg)
+            yield node, report, msg
+
     @staticmethod
     def _read_site_metrics(report: SiteReport, metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         """The checked metrics a train reply reports of the site's own work (time, privacy; not its loss,
@@ -536,16 +543,7 @@ class PemmaStrategy(FedAvg):
             return self._aggregate_secure(record, replies, start)
         candidates: list[tuple[SiteUpdate, SiteReport, Mapping[str, Any], int]] = []  # in reply order
         replied: set[int] = set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if node in replied or node not in record.sites:  # a second reply, or from a node not asked
-                continue
-            replied.add(node)
-            report = record.site(node, self._name(node))
-            if msg.has_error():
-                self._fail(record, report, node, msg.error.reason, "")
-                continue
-            report.bytes_up = records.reply_bytes(msg)
+        for node, report, msg in self._train_replies(record, replies, record.sites, replied):
             update, reasons = self.check_reply(msg)
             if reasons or update is None:
                 self._reject(record, report, reasons)
