@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from simulation.adversary import ADVERSARY_KINDS, phase_distances
+from server.run_dir import dice_metrics
 
 ADVERSARY_SITE = {"foreign": "site-1"}  # the CT-only site; every other kind plays site-2
 
@@ -47,7 +48,7 @@ def _statuses(run: Path, site: str) -> dict[str, Any]:
         "adversary_refused": sum(s in ("rejected", "clipped") for s in mine),
         "honest_refused": sum(s != "ok" for s in honest),
         "ehr_stats": ehr.get(site),
-        "dice": adapt[-1].get("eval_metrics", {}) if adapt else {},
+        "dice": dice_metrics(adapt[-1].get("eval_metrics", {})) if adapt else {},
     }
 
 

@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="reduced run: UNETR only, a few steps, 2 test cases, "
                              "alignment audit of the named quirk cases only")
+    parser.add_argument("--budget", choices=("standard", "long"), default="standard",
+                        help="standard (default): UNETR rows 36 steps, Swin UNETR 12, one seed; long: 144 and 24 "
+                             "steps, 3 seeds (hours on CPU: start it in the background)")
+    parser.add_argument("--seeds", type=int,
+                        help="train every row (not the CT backbone) at this many seeds, --seed, --seed + 1, ... "
+                             "(default 1; --budget long: 3); Dice is the seed mean, targets' intervals cover seeds "
+                             "and test cases")
     parser.add_argument("--data-root", type=Path,
                         help="IBSI data folder holding STS_XXX/ (default: $PEMMA_IBSI_ROOT or ../shared/data/ibsi-sts)")
     parser.add_argument("--sites-dir", type=Path, default=DEFAULT_SITES_DIR,

@@ -20,6 +20,7 @@ from pemma_core.model.spec import DEFAULT_OVERLAP
 __all__ = [
     "DEFAULT_SITES_DIR",
     "FULL_BUDGETS",
+    "LONG_BUDGETS",
     "QUICK_BUDGETS",
     "SITE_NAMES",
     "BenchConfig",
@@ -37,6 +38,10 @@ SITE_NAMES = ("site-a", "site-b", "site-c")  # the federation, in partition orde
 # Backbone -> (CT backbone steps, federated rounds, local steps per site per round): every
 # row after the backbone gets rounds x 3 sites x local steps optimiser steps (batch 2).
 FULL_BUDGETS = {"unetr": (80, 3, 4), "swin-unetr": (24, 2, 2)}
+# --budget long: 4x the UNETR rows' steps (144), 2x Swin UNETR's (24); the CNN gets the
+# UNETR rows' total as always. Trained at LONG_SEEDS seeds unless --seeds says otherwise.
+LONG_BUDGETS = {"unetr": (80, 6, 8), "swin-unetr": (24, 4, 2)}
+LONG_SEEDS = 3
 QUICK_BUDGETS = {"unetr": (8, 1, 2), "swin-unetr": (4, 1, 1)}
 
 
@@ -63,13 +68,14 @@ class BenchConfig:
     """All settings of one bench run (written to the JSON as they were used)."""
 
     out: Path
-    mode: str  # "full" | "quick" | "custom"
+    mode: str  # "full" | "long" | "quick" | "custom"
     backbones: tuple[str, ...]
     preset: str
     device: str
     seed: int
     budgets: dict[str, Budget]
     cnn_steps: int
+    seeds: tuple[int, ...] = (0,)  # every row but the CT backbone is trained once per seed
     batch_size: int = field(default_factory=lambda: RunSettings.default("batch-size"))
     lr_backbone: float = 1e-3  # CT backbone and the CNN, from scratch
     lr_full: float = 5e-4  # full fine-tuning from the CT weights (ct-only, pet-only, early-fusion)
@@ -112,7 +118,7 @@ def default(name: str) -> Any:
 
 
 def _budgets(args: argparse.Namespace) -> dict[str, Budget]:
-    table = QUICK_BUDGETS if args.quick else FULL_BUDGETS
+    table = QUICK_BUDGETS if args.quick else LONG_BUDGETS if args.budget == "long" else FULL_BUDGETS
     budgets = {}
     for name in args.backbones:
         pretrain, rounds, local = table[name]
@@ -137,15 +143,22 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                                          args.test_cases, args.train_cases, args.speed_steps))
     if not 0.0 <= args.overlap < 1.0:
         raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.quick and args.budget == "long":
+        raise ValueError("--quick and --budget long contradict each other: choose one")
+    n_seeds = args.seeds if args.seeds is not None else (LONG_SEEDS if args.budget == "long" else 1)
+    if n_seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    named = "quick" if args.quick else ("long" if args.budget == "long" else "full")
     return BenchConfig(
         out=args.out.expanduser().resolve(),
-        mode="custom" if custom or args.preset != "small" or args.fed_engine != "simulation" else ("quick" if args.quick else "full"),
+        mode="custom" if custom or args.preset != "small" or args.fed_engine != "simulation" else named,
         backbones=tuple(args.backbones),
         preset=args.preset,
         device=args.device,
         seed=args.seed,
         budgets=budgets,
         cnn_steps=args.cnn_steps if args.cnn_steps is not None else first.pretrain_steps + first.steps,
+        seeds=tuple(args.seed + i for i in range(n_seeds)),
         batch_size=args.batch_size,
         lr_backbone=args.lr_backbone,
         lr_full=args.lr_full,

@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.config import BenchConfig, Say
 from benchmarks.measure import model_sizes, step_peak_memory
 from benchmarks.robust import robust_counts
-from benchmarks.rows import ROW_LABELS, BackboneBench
+from benchmarks.rows import ROW_LABELS, BackboneBench, seg_metrics_of
 from client.client_app import make_client_app
 from pemma_core.config.run import RunSettings
 from pemma_core.config.site import load_site_config
@@ -39,15 +39,15 @@ from simulation.simulate import simulate
 __all__ = ["run_federated"]
 
 
-def _settings(bench: BackboneBench, run_dir: Path) -> RunSettings:
-    """The run's settings: adapt the bench's backbone with its budget, seed and adapter rate."""
+def _settings(bench: BackboneBench, run_dir: Path, seed: int) -> RunSettings:
+    """The run's settings: adapt the bench's backbone with its budget, ``seed`` and adapter rate."""
     config = bench.config
     return RunSettings(
         run_dir=str(run_dir), site_configs=",".join(str(p) for p in bench.sites.federation),
         backbone=bench.name, preset=config.preset, adapter="lora", rank=bench.spec.rank, alpha=bench.spec.alpha,
         rounds=bench.budget.fed_rounds, local_steps=bench.budget.fed_local_steps, lr=config.lr_adapter,
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
-        seed=config.seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
+        seed=seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
         secure_aggregation=config.fed_secure, dp_target_epsilon=config.fed_dp_epsilon,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
@@ -121,14 +121,16 @@ def _evaluate_rounds(bench: BackboneBench, run: RunDir,
     return records, final, final_model
 
 
-def run_federated(bench: BackboneBench) -> dict[str, Any]:
-    """The ``pemma-lora-fed`` row of ``bench``'s backbone (its CT backbone trained first)."""
+def run_federated(bench: BackboneBench, seed: int | None = None) -> dict[str, Any]:
+    """The ``pemma-lora-fed`` row of ``bench``'s backbone (its CT backbone trained first),
+    trained with ``seed`` (default the bench's)."""
     assert bench.backbone is not None, "train the backbone first"
     config = bench.config
-    run_dir = config.out / "runs" / f"fed-{bench.name}"
+    seed = config.seed if seed is None else seed
+    run_dir = config.out / "runs" / (f"fed-{bench.name}" + (f"-seed{seed}" if len(config.seeds) > 1 else ""))
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = _settings(bench, run_dir)
+    settings = _settings(bench, run_dir, seed)
     _check_site_limits(settings)
     bench.say(f"PEMMA-LoRA federated: {settings.rounds} rounds x 3 sites x {settings.local_steps} steps "
               f"through Flower ({config.fed_engine}), aggregation {settings.aggregation}, "
@@ -175,7 +177,7 @@ def run_federated(bench: BackboneBench) -> dict[str, Any]:
         "bytes_up_per_round": int(np.mean(per_round_up)) if per_round_up else 0,
         "bytes_up_note": "measured: sum over sites, mean over rounds",
         "bytes_up_per_site": bytes_per_site(metrics), "overhead": overhead_share(metrics),
-        "dice": final.dice, "per_case": final.per_case, "eval_seconds": final.seconds,
+        "dice": final.dice, "per_case": final.per_case, "eval_seconds": final.seconds, **seg_metrics_of(final),
         "per_round": rounds_out, "run_dir": str(run.path), **memory,
         "sites_failed": sorted({f"{s.get('name')}: {s.get('reason')}" for r in metrics["rounds"]
                                 for s in r.get("sites", []) if s.get("status") != "ok"}),

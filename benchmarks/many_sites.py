@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from server.run_dir import dice_metrics
 
 import psutil
 
@@ -95,7 +96,7 @@ def one_n(n: int, out: Path, local_steps: int, seed: int) -> dict[str, Any]:
             "server_seconds": adapt["aggregation_seconds"],
             "site_train_seconds_total": round(sum(s["train_seconds"] for s in adapt["sites"]), 3),
             "accepted": sum(1 for s in adapt["sites"] if s["status"] in ("ok", "clipped")),
-            "dice": adapt.get("eval_metrics", {}),
+            "dice": dice_metrics(adapt.get("eval_metrics", {})),
         })
     return row
 

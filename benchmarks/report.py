@@ -28,6 +28,7 @@ def write_markdown(results: Mapping[str, Any], path: Path, plots_link: str = "pl
         *_header(results, plots_link, json_link),
         *_setup(results),
         *_results_table(results),
+        *_seg_metrics(results),
         *_per_case(results),
         *_targets(results),
         *_forgetting(results),
@@ -91,11 +92,18 @@ def _setup(results: Mapping[str, Any]) -> list[str]:
         + ("shared with other jobs, so wall times carry their noise (CPU times and FLOPs are given beside them)."
            if max(env["load_average_start"][0], env.get("load_average_end", [0])[0]) > 0.5 * env["cpu_count"] + 0.5
            else "mostly free."),
-        f"- Preset `{config['preset']}`, batch {config['batch_size']}, seed {config['seed']}; AdamW; loss DiceCE; "
+        f"- Preset `{config['preset']}`, batch {config['batch_size']}, "
+        + (f"seeds {', '.join(map(str, config['seeds']))} (every row trained once per seed from the one CT backbone "
+           "of seed " + str(config['seed']) + "; Dice is the seed mean, ± its standard deviation across seeds)"
+           if len(config.get("seeds", [config["seed"]])) > 1 else f"seed {config['seed']}")
+        + "; AdamW; loss DiceCE; "
         f"learning rates: CT backbone and CNN {config['lr_backbone']}, full fine-tuning {config['lr_full']}, "
         f"PEMMA adapters {config['lr_adapter']}. PEMMA: rank 8, alpha 16, LoRA/DoRA on attention qkv + output "
-        "projection; one mode per batch in the proportions ctpet 0.6 / ct 0.2 / pet 0.2 among those a site serves "
-        "(smooth weighted round-robin: every 5 steps hold 3 ctpet, 1 ct, 1 pet).",
+        "projection, a shared LoRA trained by CT steps and a PET LoRA by the PET-reading modes; one mode per batch "
+        "in the proportions ctpet 0.6 / ct 0.2 / pet 0.2 among those a site serves "
+        "(smooth weighted round-robin: every 5 steps hold 3 ctpet, 1 ct, 1 pet). The centralized PEMMA rows are the "
+        "federated row's fair reference: the same data (site-a's CT-only cases in ct steps) in the federation's mode "
+        "mix" + _mix_text(results) + ".",
     ]
     for name, b in config["budgets"].items():
         lines.append(
@@ -121,6 +129,14 @@ def _setup(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _mix_text(results: Mapping[str, Any]) -> str:
+    for entry in results.get("backbones", {}).values():
+        for row in entry.get("rows", []):
+            if row.get("mode_weights"):
+                return " (" + " / ".join(f"{m} {w:.3f}" for m, w in sorted(row["mode_weights"].items())) + ")"
+    return ""
+
+
 def _results_table(results: Mapping[str, Any]) -> list[str]:
     """One line per row and mode: Dice, size, upload, speed, memory."""
     lines: list[str] = ["## Results", ""]
@@ -128,7 +144,10 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
     lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for row in all_rows(results):
         for i, mode in enumerate(m for m in MODES if m in row.get("dice", {})):
-            cells = [row["backbone"], row["label"], row["train_data"], mode, format_value(row["dice"][mode]),
+            dice = format_value(row["dice"][mode])
+            if len(row.get("per_seed", [])) > 1:
+                dice += f" ± {row['dice_seed_sd'][mode]:.3f}"
+            cells = [row["backbone"], row["label"], row["train_data"], mode, dice,
                      param_count(row["trainable_params"]) + " / " + param_count(row["total_params"]),
                      "%.2f%%" % (100 * row["trainable_fraction"]), byte_size(row["bytes_up_per_round"]),
                      format_value(row["seconds_per_step"], 2), mib(row.get("peak_memory_bytes"))]
@@ -139,6 +158,27 @@ def _results_table(results: Mapping[str, Any]) -> list[str]:
     lines += ["Bytes up for the centralized rows are what they *would* send per round if trained federated; "
               "the federated row's is measured (sum over its sites, mean over rounds). s / step is wall time "
               "including data loading.", ""]
+    return lines
+
+
+def _seg_metrics(results: Mapping[str, Any]) -> list[str]:
+    """Aggregated Dice, HD95 and surface Dice of every row and mode (rows of older runs lack them)."""
+    rows = [r for r in all_rows(results) if r.get("agg_dice")]
+    if not rows:
+        return []
+    first = rows[0]
+    unit, tolerance = first.get("distance_unit", "mm"), first.get("nsd_tolerance")
+    lines = ["### Aggregated Dice, HD95 and surface Dice", "",
+             f"Aggregated Dice (HECKTOR): sum over cases of 2|P and G| over the sum of |P| + |G|. HD95 in {unit}, the mean "
+             "over the cases where it is defined (prediction and truth both non-empty). Surface Dice at "
+             f"{tolerance:g} {unit} tolerance (MONAI's metrics).", "",
+             "| backbone | model | eval | Dice mean | aggregated Dice | HD95 | surface Dice |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for mode in (m for m in MODES if m in row.get("dice", {})):
+            lines.append(f"| {row['backbone']} | {row['label']} | {mode} | {format_value(row['dice'][mode])} | "
+                         f"{format_value(row['agg_dice'].get(mode))} | {format_value(row['hd95'].get(mode), 1)} | "
+                         f"{format_value(row['nsd'].get(mode))} |")
+    lines.append("")
     return lines
 
 

@@ -7,21 +7,28 @@ ct-backbone         the CT backbone itself     pooled CT of every site       ct
 ct-only             ``ct-only`` (continued)    pooled CT of every site       ct
 pet-only            ``pet-only``               pooled CT+PET sites, PET      pet
 early-fusion        ``early-fusion``           pooled CT+PET sites           ctpet
-pemma-lora          ``pemma`` + LoRA           pooled CT+PET sites, 3 modes  ct, pet, ctpet
-pemma-dora          ``pemma`` + DoRA           pooled CT+PET sites, 3 modes  ct, pet, ctpet
+pemma-lora          ``pemma`` + LoRA           every site, the fed's mix     ct, pet, ctpet
+pemma-dora          ``pemma`` + DoRA           every site, the fed's mix     ct, pet, ctpet
 pemma-lora-fed      ``pemma`` + LoRA, Flower   site-a CT, b and c CT+PET     ct, pet, ctpet
 cnn-early-fusion    ``cnn-early-fusion``       pooled CT+PET sites           ctpet
 ==================  =========================  ============================  ===============
 
 The federated row is :mod:`benchmarks.federated`. Backbone files are written under
 ``OUT/backbones``.
+
+The centralized PEMMA rows are the federated row's fair reference: they see the same data
+in the same mode mix (:func:`federation_mode_weights`), CT steps drawn from every site's CT
+(site-a's CT-only cases included) and PET-reading steps from the CT+PET sites' cases.
+
+Every row but the CT backbone is trained once per seed of ``config.seeds``
+(:func:`over_seeds`): one backbone, then each row's own training noise.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +45,13 @@ from pemma_core.model.factory import build_model
 from pemma_core.model.files import backbone_fingerprint, save_backbone
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import ModelSpec, build_backbone
-from pemma_core.modes import MODES
-from pemma_core.training.local import EvalResult, evaluate_cases, train_local
+from monai.losses import DiceCELoss
 
-__all__ = ["PLANS", "ROW_LABELS", "BackboneBench", "RowPlan", "run_cnn", "seed_all", "train_chunked"]
+from pemma_core.modes import DEFAULT_MODE_WEIGHTS, MODES, servable_modes
+from pemma_core.training.local import EvalResult, evaluate_cases, mode_sampler, train_local, train_step
+
+__all__ = ["PLANS", "ROW_LABELS", "BackboneBench", "RowPlan", "federation_mode_weights", "over_seeds", "run_cnn",
+           "seed_all", "train_chunked"]
 
 ROW_LABELS = {
     "ct-backbone": "CT backbone (before adaptation)",
@@ -53,7 +63,10 @@ ROW_LABELS = {
     "pemma-lora-fed": "PEMMA-LoRA federated",
     "cnn-early-fusion": "CNN early fusion (SegResNet)",
 }
-TRAIN_DATA = {"pooled_ct": "pooled CT, all sites", "pooled_ctpet": "pooled CT+PET sites (b, c)"}
+TRAIN_DATA = {
+    "pooled_ct": "pooled CT, all sites", "pooled_ctpet": "pooled CT+PET sites (b, c)",
+    "pooled_mixed": "pooled, all sites: ct steps on every site's CT (site-a's too), pet/ctpet on b, c",
+}
 
 
 @dataclass
@@ -74,8 +87,8 @@ PLANS = (
     RowPlan("ct-only", "ct-only", "lora", "pooled_ct", ("ct",), ("ct",), "lr_full", "ct"),
     RowPlan("pet-only", "pet-only", "lora", "pooled_ctpet", ("pet",), ("pet",), "lr_full", "pet"),
     RowPlan("early-fusion", "early-fusion", "lora", "pooled_ctpet", ("ctpet",), ("ctpet",), "lr_full", "ctpet"),
-    RowPlan("pemma-lora", "pemma", "lora", "pooled_ctpet", MODES, MODES, "lr_adapter", "ctpet"),
-    RowPlan("pemma-dora", "pemma", "dora", "pooled_ctpet", MODES, MODES, "lr_adapter", "ctpet"),
+    RowPlan("pemma-lora", "pemma", "lora", "pooled_mixed", MODES, MODES, "lr_adapter", "ctpet"),
+    RowPlan("pemma-dora", "pemma", "dora", "pooled_mixed", MODES, MODES, "lr_adapter", "ctpet"),
 )
 
 
@@ -83,6 +96,80 @@ def seed_all(seed: int) -> None:
     """Seed torch and numpy before a row builds its model."""
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
+
+
+def federation_mode_weights(site_yamls: Sequence[Any]) -> dict[str, float]:
+    """The share of each mode among a federated round's steps when every site takes the same
+    local steps and draws the modes it serves in the product's proportions."""
+    shares: dict[str, float] = {}
+    for path in site_yamls:
+        site = load_site_config(path)
+        modes = [m for m in site.modes if m in servable_modes(site.modalities)]
+        total = sum(DEFAULT_MODE_WEIGHTS[m] for m in modes)
+        for m in modes:
+            shares[m] = shares.get(m, 0.0) + DEFAULT_MODE_WEIGHTS[m] / total / len(site_yamls)
+    return shares
+
+
+def _endless(loader: Iterable) -> Iterator:
+    while True:
+        yield from loader
+
+
+def _train_mixed(model: SegmentationModel, loaders: Mapping[str, Iterable], weights: Mapping[str, float], steps: int,
+                 lr: float, seed: int, device: str, chunk: int, label: str, say: Say) -> dict[str, Any]:
+    """Like :func:`train_chunked`, but each step's batch comes from the loader of its mode."""
+    model.to(device).train()
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    draws = mode_sampler(list(loaders), weights, seed)
+    streams: dict[int, Iterator] = {}
+    batches = {m: streams.setdefault(id(loader), _endless(loader)) for m, loader in loaders.items()}
+    mode_steps: dict[str, int] = {}
+    losses: list[float] = []
+    chunk_losses: list[float] = []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for step in range(1, steps + 1):
+        mode = next(draws)
+        batch = next(batches[mode])
+        chunk_losses.append(train_step(model, batch["image"].to(device), batch["label"].to(device), mode, optimizer,
+                                       loss_fn, device))
+        mode_steps[mode] = mode_steps.get(mode, 0) + 1
+        if step % chunk == 0 or step == steps:
+            losses.append(float(np.mean(chunk_losses)))
+            chunk_losses = []
+            say(f"{label}: step {step}/{steps}  loss {losses[-1]:.3f}  "
+                f"{(time.perf_counter() - started) / step:.2f} s/step")
+    seconds = time.perf_counter() - started
+    return {
+        "steps": steps, "train_seconds": seconds, "seconds_per_step": seconds / steps,
+        "cpu_seconds_per_step": (time.process_time() - cpu_started) / steps, "loss_first_chunk": losses[0],
+        "loss_last_chunk": losses[-1], "mode_steps": mode_steps, "mode_weights": dict(weights),
+    }
+
+
+def over_seeds(seeds: Sequence[int], train_row: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    """One row trained at every seed of ``seeds``: the first seed's record, with ``dice`` and
+    ``per_case`` replaced by their means over the seeds, ``dice_seed_sd`` (the spread across
+    seeds, ddof 1) and each seed's own numbers under ``per_seed``."""
+    runs = [(seed, train_row(seed)) for seed in seeds]
+    row = dict(runs[0][1])
+    row["seeds"] = list(seeds)
+    row["per_seed"] = [{"seed": seed, "dice": r["dice"], "per_case": r["per_case"],
+                        "train_seconds": r.get("train_seconds"), **{k: r.get(k) for k in SEG_METRICS}}
+                       for seed, r in runs]
+    for key in SEG_METRICS:  # seed means where every seed defines the value
+        values = [r.get(key) or {} for _, r in runs]
+        row[key] = {m: (float(np.mean([v[m] for v in values])) if all(v.get(m) is not None for v in values) else None)
+                    for m in values[0]}
+    modes = list(row["dice"])
+    row["dice"] = {m: float(np.mean([r["dice"][m] for _, r in runs])) for m in modes}
+    row["dice_seed_sd"] = {m: float(np.std([r["dice"][m] for _, r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                           for m in modes}
+    row["per_case"] = {m: {case: float(np.mean([r["per_case"][m][case] for _, r in runs]))
+                           for case in runs[0][1]["per_case"][m]} for m in modes}
+    return row
 
 
 def train_chunked(
@@ -122,7 +209,18 @@ def _row_record(row: str, label: str, backbone: str, kind: str, train: Mapping[s
         "bytes_up_per_round": upload_bytes(sizes),
         "bytes_up_note": "if federated (adapters, fp32)" if kind == "pemma" else "if federated (full model, fp32)",
         "dice": result.dice, "per_case": result.per_case, "eval_seconds": result.seconds, **memory,
+        **seg_metrics_of(result),
     }
+
+
+SEG_METRICS = ("agg_dice", "hd95", "nsd")  # beside Dice: HECKTOR aggregated Dice, HD95 (mm), surface Dice
+
+
+def seg_metrics_of(result: EvalResult) -> dict[str, Any]:
+    """The segmentation metrics users compare with, per mode, from an evaluation."""
+    return {"agg_dice": dict(result.agg_dice), "hd95": dict(result.hd95), "nsd": dict(result.nsd),
+            "hd95_cases": dict(result.hd95_cases), "distance_unit": result.distance_unit,
+            "nsd_tolerance": result.nsd_tolerance}
 
 
 class BackboneBench:
@@ -144,8 +242,15 @@ class BackboneBench:
 
     def loader(self, which: str, seed: int) -> Iterable:
         """The training loader of ``which`` pooled set (``"pooled_ct"`` / ``"pooled_ctpet"``)."""
+        if which == "pooled_mixed":
+            raise ValueError("pooled_mixed has one loader per mode: BackboneBench.mixed_loaders")
         return train_loader(load_site_config(getattr(self.sites, which)), self.spec.roi_size,
                             batch_size=self.config.batch_size, seed=seed)
+
+    def mixed_loaders(self, seed: int) -> dict[str, Iterable]:
+        """The fair pooled set: ct steps from every site's CT, the PET-reading modes from the CT+PET sites."""
+        pet_sites = self.loader("pooled_ctpet", seed)
+        return {"ct": self.loader("pooled_ct", seed), "pet": pet_sites, "ctpet": pet_sites}
 
     def memory_batch(self, which: str) -> dict[str, Any]:
         """The first training batch of ``which``, the one every memory measurement uses."""
@@ -181,38 +286,47 @@ class BackboneBench:
                            model_sizes(wrapper), result, memory, train_data=TRAIN_DATA["pooled_ct"], train_modes=["ct"],
                            lr=self.config.lr_backbone, fingerprint=fingerprint, file=str(self.backbone_file))
 
-    def run_row(self, plan: RowPlan) -> dict[str, Any]:
-        """One centralized row of :data:`PLANS`, from the CT backbone."""
+    def run_row(self, plan: RowPlan, seed: int | None = None) -> dict[str, Any]:
+        """One centralized row of :data:`PLANS`, from the CT backbone, trained with ``seed``
+        (default: the bench's seed)."""
         assert self.backbone is not None, "train the backbone first"
-        seed_all(self.config.seed)
+        seed = self.config.seed if seed is None else seed
+        seed_all(seed)
         model = build_model(self.spec.with_(kind=plan.kind, adapter=plan.adapter), self.backbone)
         lr = float(getattr(self.config, plan.lr_key))
-        label = ROW_LABELS[plan.row]
-        train = train_chunked(model, self.loader(plan.train_yaml, self.config.seed), plan.train_modes, self.budget.steps,
-                              lr, self.config.seed, self.config.device, self.config.chunk, label, self.say)
-        keep = plan.row == "pemma-lora"
+        label = ROW_LABELS[plan.row] + (f" (seed {seed})" if len(self.config.seeds) > 1 else "")
+        if plan.train_yaml == "pooled_mixed":
+            train = _train_mixed(model, self.mixed_loaders(seed), federation_mode_weights(self.sites.federation),
+                                 self.budget.steps, lr, seed, self.config.device, self.config.chunk, label, self.say)
+        else:
+            train = train_chunked(model, self.loader(plan.train_yaml, seed), plan.train_modes, self.budget.steps,
+                                  lr, seed, self.config.device, self.config.chunk, label, self.say)
+        keep = plan.row == "pemma-lora" and seed == self.config.seeds[0]
         result = self.evaluate(model, plan.eval_modes, label, keep=keep)
         if keep:
             self.predictions = result.predictions
         sizes = model_sizes(model)
-        memory = step_peak_memory(model, self.memory_batch(plan.train_yaml), plan.memory_mode, self.config.device)
-        return _row_record(plan.row, label, self.name, plan.kind, train, sizes, result, memory,
+        memory_set = "pooled_ctpet" if plan.train_yaml == "pooled_mixed" else plan.train_yaml
+        memory = step_peak_memory(model, self.memory_batch(memory_set), plan.memory_mode, self.config.device)
+        return _row_record(plan.row, ROW_LABELS[plan.row], self.name, plan.kind, train, sizes, result, memory,
                            adapter=plan.adapter if plan.kind == "pemma" else None,
                            train_data=TRAIN_DATA[plan.train_yaml], train_modes=list(plan.train_modes), lr=lr)
 
 
 def run_cnn(config: BenchConfig, sites: BenchSites, test_batches: list[dict[str, Any]], say: Say,
-            roi_backbone: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            roi_backbone: str, seed: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The CNN reference: SegResNet, 2 channels, from scratch, ``config.cnn_steps`` steps, at the
-    crop size of ``roi_backbone``; returns its row and its ctpet predictions."""
-    cnn_say = lambda text: say(f"cnn | {text}")  # noqa: E731
-    seed_all(config.seed)
+    crop size of ``roi_backbone``, trained with ``seed`` (default the bench's); returns its row
+    and its ctpet predictions."""
+    seed = config.seed if seed is None else seed
+    cnn_say = lambda text: say(f"cnn | {text}" + (f" (seed {seed})" if len(config.seeds) > 1 else ""))  # noqa: E731
+    seed_all(seed)
     spec = ModelSpec(backbone=roi_backbone, preset=config.preset, kind="cnn-early-fusion")
     model = build_model(spec)
     loader = train_loader(load_site_config(sites.pooled_ctpet), spec.roi_size, batch_size=config.batch_size,
-                          seed=config.seed)
+                          seed=seed)
     label = ROW_LABELS["cnn-early-fusion"]
-    train = train_chunked(model, loader, ["ctpet"], config.cnn_steps, config.lr_backbone, config.seed, config.device,
+    train = train_chunked(model, loader, ["ctpet"], config.cnn_steps, config.lr_backbone, seed, config.device,
                           config.chunk, label, cnn_say)
     result = evaluate_cases(model, test_batches, ["ctpet"], config.device, overlap=config.overlap, keep_predictions=True)
     cnn_say(f"{label}: test Dice ctpet {result.dice['ctpet']:.3f} ({sum(result.seconds.values()):.0f} s)")

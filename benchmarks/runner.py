@@ -19,6 +19,7 @@ import platform
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from benchmarks.federated import run_federated
 from benchmarks.plots import make_plots
 from benchmarks.report import write_markdown
 from benchmarks.result_json import FORMAT, write_json
-from benchmarks.rows import PLANS, BackboneBench, run_cnn
+from benchmarks.rows import PLANS, BackboneBench, over_seeds, run_cnn
 from benchmarks.sites import BenchSites, alignment_audit, first_batch, load_test_batches, prepare_sites
 from benchmarks.targets import targets
 from pemma_core import console
@@ -144,13 +145,13 @@ class _Run:
         entry["rows"].append(bench.train_backbone())  # everything else needs it: no guard
         self.save()
         for plan in PLANS:
-            row = self.guarded(f"{name} {plan.row}", bench.run_row, plan)
+            row = self.guarded(f"{name} {plan.row}", over_seeds, config.seeds, partial(bench.run_row, plan))
             if row is not None:
                 entry["rows"].append(row)
             self.save()
             if plan.row == "pemma-lora" and not self.overlays and bench.predictions:
                 self.overlays = {"backbone": name, "predictions": bench.predictions}
-        row = self.guarded(f"{name} pemma-lora-fed", run_federated, bench)
+        row = self.guarded(f"{name} pemma-lora-fed", over_seeds, config.seeds, partial(run_federated, bench))
         if row is not None:
             entry["rows"].append(row)
         self.save()
@@ -177,11 +178,18 @@ class _Run:
         """The CNN row, data loading and threads timings, targets and plots."""
         config, results = self.config, self.results
         if config.cnn:
-            cnn = self.guarded("cnn", run_cnn, config, sites, test_batches, self.say, config.backbones[0])
+            predictions: dict[str, Any] = {}
+
+            def cnn_at(seed: int) -> dict[str, Any]:
+                row, ctpet = run_cnn(config, sites, test_batches, self.say, config.backbones[0], seed)
+                predictions.setdefault("ctpet", ctpet)  # the first seed's, beside the PEMMA row's
+                return row
+
+            cnn = self.guarded("cnn", over_seeds, config.seeds, cnn_at)
             if cnn is not None:
-                results["cnn"] = cnn[0]
-                if self.overlays:
-                    self.overlays["cnn"] = cnn[1]
+                results["cnn"] = cnn
+                if self.overlays and predictions:
+                    self.overlays["cnn"] = predictions["ctpet"]
         first = config.backbones[0]
         roi = ModelSpec(backbone=first, preset=config.preset).roi_size
         n_cases = 2 if config.mode == "quick" else 4

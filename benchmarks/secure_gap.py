@@ -34,7 +34,7 @@ from client.client_app import make_client_app
 from pemma_core.config.run import RunSettings
 from pemma_core.model.files import read_adapter_file
 from pemma_core.phantoms.coordination import ensure_phantom_federation
-from server.run_dir import RunDir
+from server.run_dir import RunDir, dice_metrics
 from server.server_app import run_federation
 from server.strategy import PemmaStrategy
 from simulation.inprocess import InProcessGrid
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = adapters(runs["plain"], r)
         rows.append({"round": r, "secure": gap(adapters(runs["secure"], r), plain, initial),
                      "nudged": gap(adapters(runs["nudged"], r), plain, initial)})
-    dice = {name: run.metrics()["rounds"][-1].get("eval_metrics", {}) for name, run in runs.items()}
+    dice = {name: dice_metrics(run.metrics()["rounds"][-1].get("eval_metrics", {})) for name, run in runs.items()}
     result = {"machine": machine(), "seconds": seconds, "rounds": rows, "final_dice": dice}
     (out / "secure-gap.json").write_text(json.dumps(result, indent=2))
     print("| adapt round | secure vs plain | control (1 ulp) vs plain |\n|---|---|---|")

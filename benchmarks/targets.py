@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.result_json import row_dice, row_per_case, rows_by_id
+from benchmarks.result_json import row_dice, rows_by_id
 from pemma_core.modes import MODES
 
-__all__ = ["MEMORY_TARGET", "TIME_TARGET", "paired_bootstrap_ci", "targets"]
+__all__ = ["MEMORY_TARGET", "TIME_TARGET", "paired_bootstrap_ci", "seed_case_bootstrap_ci", "targets"]
 
 TIME_TARGET = 0.8  # PEMMA step time <= 0.8 x full fine-tuning
 MEMORY_TARGET = 0.7  # PEMMA peak memory <= 0.7 x full fine-tuning
@@ -34,6 +34,38 @@ def paired_bootstrap_ci(a: Mapping[str, float], b: Mapping[str, float], reps: in
     draws = np.random.default_rng(seed).integers(0, len(cases), size=(reps, len(cases)))
     low, high = np.quantile(diff[draws].mean(axis=1), [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(low), float(high)
+
+
+def seed_case_bootstrap_ci(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]],
+                           reps: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Interval of the mean Dice gap ``a - b`` in points when rows were trained at several
+    seeds: ``a`` and ``b`` map seed -> case -> Dice. Each resample draws seeds and cases with
+    replacement (the gap paired by seed and case), so the interval covers training noise as
+    well as the choice of test cases. A ``b`` trained once (one seed, e.g. the CT backbone)
+    is paired with every seed of ``a``. With one seed it is the case bootstrap of :func:`paired_bootstrap_ci`."""
+    if len(b) == 1 and len(a) > 1:
+        only = next(iter(b.values()))
+        b = {s: only for s in a}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    cases = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
+    if len(cases) < 2:
+        return None
+    diff = 100.0 * np.array([[a[s][c] - b[s][c] for c in cases] for s in seeds], dtype=float)  # [seeds, cases]
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, len(seeds), size=(reps, len(seeds)))
+    case_draws = rng.integers(0, len(cases), size=(reps, len(cases)))
+    means = diff[seed_draws[:, :, None], case_draws[:, None, :]].mean(axis=(1, 2))
+    low, high = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(low), float(high)
+
+
+def _by_seed(row: Mapping[str, Any] | None, mode: str) -> dict[int, dict[str, float]]:
+    if row is None:
+        return {}
+    runs = row.get("per_seed") or [{"seed": row.get("seed", 0), "per_case": row.get("per_case", {})}]
+    return {int(r["seed"]): dict(r["per_case"].get(mode, {})) for r in runs if r["per_case"].get(mode)}
 
 
 def _target(name: str, backbone: str, measured: float | None, threshold: float | None, higher_is_better: bool,
@@ -65,7 +97,7 @@ def _dice_targets(name: str, rows: Mapping[str, Mapping[str, Any]], cnn: Mapping
                  unit: str, row_b: Mapping[str, Any] | None = None) -> None:
         a, b = rows.get(key_a), row_b if row_b is not None else rows.get(key_b)
         da, db = row_dice(a, mode_a), row_dice(b, mode_b)
-        ci = paired_bootstrap_ci(row_per_case(a, mode_a), row_per_case(b, mode_b))
+        ci = seed_case_bootstrap_ci(_by_seed(a, mode_a), _by_seed(b, mode_b))
         out.append(_target(label, name, _points(da, db), threshold, True, unit, f"{da} vs {db}", ci))
 
     dice_gap("PEMMA-LoRA (ctpet) within 1 Dice point of early fusion", "pemma-lora", "ctpet", "early-fusion", "ctpet",

@@ -433,6 +433,8 @@ def evaluate_site(
 ) -> Reply:
     """Dice per mode of the global adapters on the site's test split (aggregate only), for the
     modes with at least ``limits.min_eval_cases`` test cases; the reply says what it withheld.
+    Beside each mode's Dice: mean HD95 (and over how many cases it is defined), mean surface
+    Dice, and the sums ``overlap`` (2 |P and G|) and ``volume`` (|P| + |G|) of the aggregated Dice.
     A site evaluates its test split only, whatever the server asks."""
     from pemma_core.training.local import evaluate
 
@@ -449,6 +451,17 @@ def evaluate_site(
     for mode, dice in reported.items():
         metrics[f"dice-{mode}"] = float(dice)
         metrics[f"cases-{mode}"] = int(cases[mode])
+        # Aggregates only: HD95's mean with its count of defined cases (none: no hd95-<mode>), the mean
+        # surface Dice, and the voxel sums the server pools into the aggregated Dice. Distances in mm
+        # (eval_loader batches carry their grid); in voxels they would not compare across sites, so not sent.
+        if result.distance_unit == "mm" and result.nsd.get(mode) is not None:
+            metrics[f"hd95-cases-{mode}"] = int(result.hd95_cases[mode])
+            if result.hd95[mode] is not None:
+                metrics[f"hd95-{mode}"] = float(result.hd95[mode])
+            metrics[f"nsd-{mode}"] = float(result.nsd[mode])
+        if mode in result.overlap:
+            metrics[f"overlap-{mode}"] = int(result.overlap[mode])
+            metrics[f"volume-{mode}"] = int(result.volume[mode])
     short = sorted(set(result.dice) - set(reported))
     withheld = (f"Dice of {', '.join(short)} withheld: {min(cases[m] for m in short)} test case(s), "
                 f"fewer than limits.min_eval_cases {floor}") if short else None

@@ -325,7 +325,12 @@ _DECLARED = frozenset(f"train-cases-{kind}" for kind in DECLARED)
 _TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up", "dp-epsilon",
                        "dp-steps", "secure-clipped"}) | _EXAMPLES
 _SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival"})  # of the site's held-out split
-_EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m in ("dice", "cases") for mode in MODES}
+# Per reported mode, beside Dice and its case count: the mean HD95 over the cases where it is defined and
+# that count, the mean surface Dice, and the two overlap sums (2 |P and G|, |P| + |G|, voxels) from which
+# the server computes the HECKTOR aggregated Dice exactly (pemma_core.training.seg_metrics).
+EVAL_METRICS = ("dice", "cases", "hd95", "hd95-cases", "nsd", "overlap", "volume")
+_HD95 = frozenset(f"hd95-{mode}" for mode in MODES)
+_EVALUATION = frozenset({"num-examples", "eval-seconds"}) | {f"{m}-{mode}" for m in EVAL_METRICS for mode in MODES}
 _REPLY_CONFIG = frozenset({SITE, FINGERPRINT})
 
 REPLIES: dict[MessageType, ReplyKind] = {
@@ -343,14 +348,19 @@ REPLIES: dict[MessageType, ReplyKind] = {
 
 MAX_COUNT = 10**15  # counts beyond this are no count of cases or steps (and lose integer precision as floats)
 MAX_SECONDS = 1e7  # about 4 months
+MAX_DISTANCE = 1e6  # mm (a kilometre): no surface distance within a scanned body is larger
 MAX_META_CHARS = 1 << 20  # a config entry (the EHR statistics JSON is the largest) stays under 1 MiB
 
 
 def metric_range(name: str) -> str:
-    """The kind of value metric ``name`` holds: ``fraction`` (Dice, C-index: in [0, 1]),
-    ``loss`` (finite, >= 0), ``seconds`` (finite, >= 0) or ``count`` (a whole number >= 0)."""
-    if name.startswith("dice-") or name == "c-index":
+    """The kind of value metric ``name`` holds: ``fraction`` (Dice, surface Dice, C-index: in
+    [0, 1]), ``loss`` (finite, >= 0), ``seconds`` (finite, >= 0), ``distance`` (HD95 in mm:
+    finite, in [0, MAX_DISTANCE]) or ``count`` (a whole number >= 0: cases, ``hd95-cases-*``,
+    the voxel sums ``overlap-*`` and ``volume-*``)."""
+    if name.startswith(("dice-", "nsd-")) or name == "c-index":
         return "fraction"
+    if name in _HD95:
+        return "distance"
     if name in ("loss", "dp-epsilon"):
         return "loss"
     if name.endswith("-seconds"):
@@ -378,7 +388,7 @@ def metric_value_problem(name: str, value: Any) -> str | None:
     number = float(value)
     if not np.isfinite(number):
         return f"metric {name!r} is not finite ({number})"
-    upper = {"fraction": 1.0, "loss": float("inf"), "seconds": MAX_SECONDS}[kind]
+    upper = {"fraction": 1.0, "loss": float("inf"), "seconds": MAX_SECONDS, "distance": MAX_DISTANCE}[kind]
     if not 0.0 <= number <= upper:
         return f"metric {name!r} = {number:.4g} is outside [0, {upper:g}]"
     return None
@@ -630,6 +640,8 @@ __all__ = [
     "EHR_STATS",
     "EHR_STATS_KEY",
     "EVALUATE",
+    "EVAL_METRICS",
+    "MAX_DISTANCE",
     "FINGERPRINT",
     "DECLARED",
     "FLOWER_CONFIG_KEYS",

@@ -86,7 +86,8 @@ def plot_dice(metrics: Mapping[str, Any], path: Path) -> Path | None:
             for mode, value in s.get("dice", {}).items():
                 series.setdefault(f"{s['name']} {mode}", []).append((r["round"], value))
         for key, value in r.get("eval_metrics", {}).items():
-            series.setdefault(f"mean {key.removeprefix('dice-')}", []).append((r["round"], value))
+            if key.startswith("dice-"):  # eval_metrics also holds agg-dice-, hd95- (mm) and nsd- entries
+                series.setdefault(f"mean {key.removeprefix('dice-')}", []).append((r["round"], value))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -413,6 +414,37 @@ def format_value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _segmentation_section(metrics: Mapping[str, Any]) -> list[str]:
+    """The adapt rounds' metrics beside mean Dice: aggregated Dice, HD95, surface Dice per mode
+    for the federation, and per site in the last evaluated round (absent when no site sent them)."""
+    from pemma_core.training.seg_metrics import NSD_TOLERANCE_MM
+
+    rounds = [r for r in phase_rounds(metrics, "adapt")
+              if any(k.startswith(("agg-dice-", "hd95-", "nsd-")) for k in r.get("eval_metrics", {}))]
+    if not rounds:
+        return []
+    lines = ["## Segmentation metrics (adapt, test split)", "",
+             "Mean Dice: case-weighted mean of the sites' per-case means. Aggregated Dice (HECKTOR): "
+             "sum over all cases of 2 |P and G| over the sum of |P| + |G|, computed exactly from each site's two sums. "
+             f"HD95 (mm): mean over the cases where it is defined (prediction and label both non-empty or both empty). "
+             f"Surface Dice at {NSD_TOLERANCE_MM:g} mm. - where not reported.", "",
+             "| round | site | mode | mean Dice | aggregated Dice | HD95 mm | surface Dice |", "|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        ev = r["eval_metrics"]
+        for mode in [k.removeprefix("dice-") for k in ev if k.startswith("dice-")]:
+            lines.append(f"| {r['round']} | all | {mode} | {format_value(ev.get(f'dice-{mode}'))} | "
+                         f"{format_value(ev.get(f'agg-dice-{mode}'))} | {format_value(ev.get(f'hd95-{mode}'), 2)} | "
+                         f"{format_value(ev.get(f'nsd-{mode}'))} |")
+    last = rounds[-1]
+    for s in last.get("sites", []):
+        for mode, dice in s.get("dice", {}).items():
+            seg = s.get("seg", {}).get(mode, {})
+            lines.append(f"| {last['round']} | {s['name']} | {mode} | {format_value(dice)} | "
+                         f"{format_value(seg.get('agg-dice'))} | {format_value(seg.get('hd95'), 2)} | "
+                         f"{format_value(seg.get('nsd'))} |")
+    return lines + [""]
+
+
 def write_report(run: RunDir, overlay: Path | None = None) -> Path:
     """``report.md``: settings, per-round table, Dice plot, overlay (if given), overheads."""
     metrics = run.metrics()
@@ -452,6 +484,7 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | | |")
         lines.append("")
+    lines += _segmentation_section(metrics)
     prognosis = phase_rounds(metrics, "prognosis")
     if prognosis:
         lines += ["## prognosis", "",

@@ -79,7 +79,7 @@ def weight_caps(declared: Mapping[str, int], phase: str) -> dict[str, int]:
         return {FULL_GROUP: ct}
     if phase == "prognosis":
         return {"prognosis": declared.get("survival", 0), "ehr": min(declared.get("ehr", 0), declared.get("survival", 0))}
-    return {"shared": max(ct, pet), "ct": ct, "pet": pet, "fusion": min(ct, pet)}
+    return {"shared": ct, "ct": ct, "pet": pet, "fusion": min(ct, pet)}
 
 
 @dataclass

@@ -80,6 +80,17 @@ def run_segments(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def dice_metrics(eval_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The ``dice-<mode>`` entries of a round's ``eval_metrics`` (which also hold the
+    aggregated Dice, HD95 and surface Dice under their own prefixes)."""
+    return {k: float(v) for k, v in eval_metrics.items() if k.startswith("dice-")}
+
+
+def round_dice(eval_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Mode -> mean Dice of a round's ``eval_metrics``."""
+    return {k.removeprefix("dice-"): v for k, v in dice_metrics(eval_metrics).items()}
+
+
 def total_wall_seconds(metrics: Mapping[str, Any]) -> float:
     """Wall time of the whole run: the sum over its segments (a run recorded without segments: its
     ``wall_seconds``, else 0)."""
@@ -243,4 +254,5 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-__all__ = ["FINISHED", "INTERRUPTED", "PHASE_LISTS", "RunDir", "phase_rounds", "run_segments", "total_wall_seconds"]
+__all__ = ["FINISHED", "INTERRUPTED", "PHASE_LISTS", "RunDir", "dice_metrics", "phase_rounds", "round_dice", "run_segments",
+           "total_wall_seconds"]

@@ -51,6 +51,7 @@ from pemma_core import protocol
 from pemma_core.aggregation import SiteUpdate, aggregate_round
 from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
+from pemma_core.training import seg_metrics
 from server import records
 from server.roster import Roster, one_line_cause
 from server.secure_rounds import ADAM_RANGE_FACTOR, SecureRound, close_round, open_round
@@ -75,6 +76,8 @@ class SiteReport:
     loss: float | None = None
     examples: dict[str, int] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
+    # mode -> its other evaluate metrics: "agg-dice" (its own overlap / volume), "hd95", "nsd", as it sent them
+    seg: dict[str, dict[str, float]] = field(default_factory=dict)
     c_index: float | None = None  # prognosis: C-index on the site's held-out split
     dp_epsilon: float | None = None  # DP-SGD: the epsilon the site has spent in this run so far
     dp_steps: int | None = None  # DP-SGD: its private steps in this round
@@ -109,6 +112,8 @@ class SiteReport:
             "examples": dict(self.examples),
             "dice": dict(self.dice),
         }
+        if self.seg:
+            out["seg"] = {mode: dict(values) for mode, values in self.seg.items()}
         if self.c_index is not None:
             out["c_index"] = self.c_index
         if self.clip_factor is not None:
@@ -623,8 +628,10 @@ class PemmaStrategy(FedAvg):
         return self._addressed(messages, protocol.EVALUATE.name, record)
 
     def evaluation_problems(self, node: int, reply: Reply) -> list[str]:
-        """Why an evaluate reply cannot be used: the protocol's checks, the node's name, and
-        Dice only for modes its declared modalities serve, each with its case count."""
+        """Why an evaluate reply cannot be used: the protocol's checks, the node's name,
+        Dice only for modes its declared modalities serve, each with its case count, and
+        HD95 / surface Dice / overlap sums only beside a mode's Dice and consistent with it
+        (:func:`pemma_core.training.seg_metrics.reply_problems`)."""
         problems = protocol.reply_problems(protocol.EVALUATE, reply, (), self.roi_size) + self._identity_problems(node, reply)
         modes = self._declared_modes(node)
         for key in reply.metrics:
@@ -636,11 +643,12 @@ class PemmaStrategy(FedAvg):
             cases = reply.metrics.get(f"cases-{mode}")
             if not isinstance(cases, (int, np.integer)) or isinstance(cases, bool) or cases < 1:
                 problems.append(f"Dice for mode {mode!r} without a positive case count")
-        return problems
+        return problems + seg_metrics.reply_problems(reply.metrics)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         record = self._current or RoundRecord(phase=self.phase, round=self.round_offset + server_round)
         per_mode: dict[str, list[tuple[float, int]]] = {}
+        per_mode_seg: dict[str, list[dict[str, float]]] = {}
         seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -662,15 +670,25 @@ class PemmaStrategy(FedAvg):
             for mode, (dice, cases) in protocol.dice_of(reply.metrics).items():
                 report.dice[mode] = dice
                 per_mode.setdefault(mode, []).append((dice, cases))
+                seg = seg_metrics.site_summary(reply.metrics, mode)
+                if shown := {k: v for k, v in seg.items() if k in ("agg-dice", "hd95", "nsd")}:
+                    report.seg[mode] = shown
+                per_mode_seg.setdefault(mode, []).append(seg)
         record.eval_metrics = {
             f"dice-{mode}": sum(d * n for d, n in values) / max(1, sum(n for _, n in values))
             for mode, values in sorted(per_mode.items())
         }
+        for mode, sites in sorted(per_mode_seg.items()):
+            record.eval_metrics.update(seg_metrics.combine_sites(sites, mode))
         record.wall_seconds = time.perf_counter() - record.started
         if record.eval_metrics:
             log.info(
                 "round %d: Dice %s",
-                record.round, ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in record.eval_metrics.items()),
+                record.round, ", ".join(
+                    f"{k.removeprefix('dice-')} {v:.3f}"
+                    + (f" (agg {record.eval_metrics[f'agg-{k}']:.3f})" if f"agg-{k}" in record.eval_metrics else "")
+                    for k, v in record.eval_metrics.items() if k.startswith("dice-")
+                ),
             )
         if self.on_round_end is not None:
             self.on_round_end(record, self.global_state)

@@ -116,11 +116,13 @@ def _quiet_flower(verbose: bool) -> None:
 def print_round(record: Any) -> None:
     """Progress on stdout (the run's log; silent with ``-q``): one line per round (phase, round,
     wall time), one per site."""
+    from server.run_dir import round_dice
+
     head = f"[{record.phase} round {record.round}] {record.wall_seconds:.1f} s"
     if "c-index" in record.train_metrics:
         head += f"  mean C-index {record.train_metrics['c-index']:.3f}"
     if record.eval_metrics:
-        head += "  mean Dice " + ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in record.eval_metrics.items())
+        head += "  mean Dice " + ", ".join(f"{m} {v:.3f}" for m, v in round_dice(record.eval_metrics).items())
     if record.note:
         head += f"  ({record.note})"
     console.say(head, file=sys.stdout)
@@ -326,14 +328,14 @@ def run(args: argparse.Namespace) -> int:
     except AdversarySiteError as exc:
         raise console.UsageError(str(exc)) from exc
     from server.report import overhead_share
-    from server.run_dir import RunDir, phase_rounds
+    from server.run_dir import RunDir, phase_rounds, round_dice
 
     metrics = RunDir(path).metrics()
     last = phase_rounds(metrics, "adapt")[-1]
     share = overhead_share(metrics)
     print(f"\ndone in {time.perf_counter() - started:.0f} s: {path}")
     if last.get("eval_metrics"):
-        print("final mean Dice: " + ", ".join(f"{k.removeprefix('dice-')} {v:.3f}" for k, v in last["eval_metrics"].items()))
+        print("final mean Dice: " + ", ".join(f"{m} {v:.3f}" for m, v in round_dice(last["eval_metrics"]).items()))
     prognosis = phase_rounds(metrics, "prognosis")
     if prognosis:
         final = prognosis[-1]

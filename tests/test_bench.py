@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks.speed import monai_reference
-from benchmarks.targets import paired_bootstrap_ci, targets
+from benchmarks.rows import federation_mode_weights, over_seeds
+from benchmarks.targets import paired_bootstrap_ci, seed_case_bootstrap_ci, targets
 from pemma_core.cli import main
 from pemma_core.model.factory import build_model
 from pemma_core.model.monai_speed import ChannelInstanceNorm, SdpaWindowAttention
@@ -32,7 +33,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory, ibsi_root: Path) -> tupl
         "bench", "--preset", "tiny", "--backbones", "unetr", "--data-root", str(ibsi_root),
         "--pretrain-steps", "2", "--fed-rounds", "1", "--fed-local-steps", "1", "--cnn-steps", "2",
         "--train-cases", "2", "--test-cases", "2", "--speed-steps", "1", "--fed-engine", "inprocess",
-        "--threads", "1", "--out", str(out),
+        "--threads", "1", "--seeds", "2", "--out", str(out),
     ])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -56,6 +57,10 @@ def test_every_row_has_its_numbers(bench_run):
             assert 0.0 <= value <= 1.0
             assert set(row["per_case"][mode]) == set(cases)
             assert value == pytest.approx(sum(row["per_case"][mode].values()) / len(cases))
+        if name != "ct-backbone":  # every other row is trained once per seed; its Dice is the seed mean
+            assert [r["seed"] for r in row["per_seed"]] == [0, 1], name
+            for mode, value in row["dice"].items():
+                assert value == pytest.approx(sum(r["dice"][mode] for r in row["per_seed"]) / 2)
         for key in ("total_params", "trainable_params", "trainable_fraction", "bytes_up_per_round",
                     "seconds_per_step", "peak_memory_bytes", "steps"):
             assert _number(row[key]) and row[key] > 0, (name, key, row[key])
@@ -70,6 +75,10 @@ def test_every_row_has_its_numbers(bench_run):
     assert set(fed["bytes_up_per_site"]) == {"ibsi-site-a", "ibsi-site-b", "ibsi-site-c"}
     assert fed["bytes_up_per_site"]["ibsi-site-a"] < fed["bytes_up_per_site"]["ibsi-site-b"]  # CT-only site: fewer groups
     assert [r["round"] for r in fed["per_round"]] == [1]
+    assert fed["run_dir"].endswith("fed-unetr-seed0")
+    # the centralized PEMMA rows are the federated row's fair reference: its mode mix, ct steps included
+    assert rows["pemma-lora"]["mode_weights"] == pytest.approx({"ct": 7 / 15, "pet": 2 / 15, "ctpet": 6 / 15})
+    assert rows["pemma-lora"]["train_data"].startswith("pooled, all sites")
     # The tiny budget (1 step x batch 2) is accepted by the IBSI sites' limits, and the server's robust
     # aggregation keeps every honest update.
     assert fed["sites_failed"] == [] and fed["aggregation"] == "mean"
@@ -175,6 +184,38 @@ def test_paired_bootstrap_interval():
     assert low < 0.0 < high
     assert paired_bootstrap_ci({"a": 0.5}, {"a": 0.4}) is None  # one shared case: no interval
     assert paired_bootstrap_ci({"a": 0.5, "x": 0.1}, {"a": 0.4, "y": 0.1}) is None  # only shared cases are paired
+
+
+def test_seed_and_case_bootstrap_covers_training_noise():
+    cases = {"a": 0.5, "b": 0.7, "c": 0.2, "d": 0.4}
+    # two seeds that agree: the interval is the case bootstrap's, the seeds add nothing
+    agree = {0: {k: v + 0.03 for k, v in cases.items()}, 1: {k: v + 0.03 for k, v in cases.items()}}
+    assert seed_case_bootstrap_ci(agree, {0: cases}) == pytest.approx((3.0, 3.0))
+    # seeds that disagree (+10 and -6 points on every case): the interval spans both
+    spread = {0: {k: v + 0.10 for k, v in cases.items()}, 1: {k: v - 0.06 for k, v in cases.items()}}
+    low, high = seed_case_bootstrap_ci(spread, {0: cases})
+    assert low < 0.0 < high and low == pytest.approx(-6.0) and high == pytest.approx(10.0)
+    assert paired_bootstrap_ci({k: v + 0.02 for k, v in cases.items()}, cases) == pytest.approx((2.0, 2.0))
+
+
+def test_over_seeds_means_and_spread():
+    runs = {0: {"dice": {"ct": 0.4}, "per_case": {"ct": {"a": 0.3, "b": 0.5}}},
+            1: {"dice": {"ct": 0.6}, "per_case": {"ct": {"a": 0.5, "b": 0.7}}}}
+    row = over_seeds([0, 1], lambda seed: dict(runs[seed], label="x"))
+    assert row["dice"]["ct"] == pytest.approx(0.5) and row["per_case"]["ct"] == pytest.approx({"a": 0.4, "b": 0.6})
+    assert row["dice_seed_sd"]["ct"] == pytest.approx(0.1414, abs=1e-4) and row["label"] == "x"
+    assert [r["seed"] for r in row["per_seed"]] == [0, 1]
+
+
+def test_federation_mode_mix_counts_the_ct_only_site(tmp_path):
+    def site(name, modalities):
+        path = tmp_path / f"{name}.yaml"
+        (tmp_path / "m.csv").write_text("case_id,ct,pet,label,split\n")
+        path.write_text(f"name: {name}\nmodalities: [{', '.join(modalities)}]\ndata_root: .\nmanifest: m.csv\n")
+        return path
+
+    mix = federation_mode_weights([site("a", ["ct"]), site("b", ["ct", "pet"])])
+    assert mix == pytest.approx({"ct": 0.6, "pet": 0.1, "ctpet": 0.3})
 
 
 def test_targets_flag_gaps_the_test_cases_cannot_settle():

@@ -139,6 +139,13 @@ def test_dice_over_fewer_test_cases_than_the_floor_is_withheld(phantom_federatio
         reply = task.evaluate_site(site, {}, _instruction(fingerprint=fingerprint), arrays)
         assert any(k.startswith("dice-") for k in reply.metrics) is reported
         assert ("withheld" in reply.meta) is not reported
+        for mode in (k.removeprefix("dice-") for k in list(reply.metrics) if k.startswith("dice-")):
+            # beside Dice: the surface metrics (in mm: eval_loader batches carry their grid) and the overlap sums
+            assert {f"nsd-{mode}", f"hd95-cases-{mode}", f"overlap-{mode}", f"volume-{mode}"} <= set(reply.metrics)
+            assert 0 <= reply.metrics[f"overlap-{mode}"] <= reply.metrics[f"volume-{mode}"]
+            assert (f"hd95-{mode}" in reply.metrics) == (reply.metrics[f"hd95-cases-{mode}"] > 0)
+        if not reported:
+            assert not any(k.startswith(("nsd-", "hd95", "overlap-", "volume-")) for k in reply.metrics)
     assert "1 test case(s), fewer than limits.min_eval_cases 3" in reply.meta["withheld"]
 
 

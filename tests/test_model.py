@@ -66,9 +66,33 @@ def test_per_mode_exactly_its_groups_receive_gradients_and_are_counted(mode):
         group for name, group in model.param_groups.items()
         if params[name].grad is not None and bool(params[name].grad.abs().sum() > 0)
     }
-    assert with_gradient == set(MODE_GROUPS[mode]), f"mode {mode}: gradients reach {sorted(with_gradient)}"
+    # the shared LoRA is on the PET modes' path too, but only CT steps train it
+    on_path = set(MODE_GROUPS[mode]) | ({"shared"} if mode != "ct" else set())
+    assert with_gradient == on_path, f"mode {mode}: gradients reach {sorted(with_gradient)}"
+    before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
     result = train_local(model, [{"image": image, "label": label}], [mode], steps=1, lr=1e-3)
-    assert set(result.examples) == with_gradient, f"mode {mode}: counted {sorted(result.examples)}"
+    changed = {model.param_groups[n] for n, p in params.items() if n in before and not torch.equal(p, before[n])}
+    assert changed == set(MODE_GROUPS[mode]), f"mode {mode}: a step changed {sorted(changed)}"
+    assert set(result.examples) == changed, f"mode {mode}: counted {sorted(result.examples)}"
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_pet_training_leaves_the_ct_mode_bit_identical(backbone_and_spec, adapter):
+    """PEMMA's claim by construction: steps in the modes that read PET change no tensor on
+    the CT mode's path (with one shared LoRA trained by every mode they did)."""
+    backbone, spec = backbone_and_spec
+    model = build_model(spec.with_(adapter=adapter), backbone)
+    batches = [{"image": _image(spec, seed=s), "label": _label(spec)} for s in range(2)]
+    train_local(model, batches, ["ct"], steps=2, lr=1e-2)  # CT steps move the CT path first
+    model.eval()
+    with torch.no_grad():
+        ct_before = model(batches[0]["image"], "ct").clone()
+        ctpet_before = model(batches[0]["image"], "ctpet").clone()
+    train_local(model, batches, ["pet", "ctpet"], steps=4, lr=1e-2)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]["image"], "ct"), ct_before)
+        assert not torch.equal(model(batches[0]["image"], "ctpet"), ctpet_before), "PET steps trained nothing"
 
 
 def test_backbone_is_not_modified_and_frozen_tensors_are_bit_identical_after_training(backbone_and_spec):
@@ -236,10 +260,11 @@ def _expected_pemma_groups(backbone: str, *, dora: bool = False, targets=("qkv",
         embed = "net.swinViT.patch_embed.proj"
         blocks = [f"net.swinViT.layers{i}.0.blocks.0" for i in range(1, 5)]
         modules = {"qkv": ["attn.qkv"], "proj": ["attn.proj"], "mlp": ["mlp.linear1", "mlp.linear2"]}
-    parts = ["lora_A.default.weight", "lora_B.default.weight"] + (["lora_magnitude_vector.default.weight"] * dora)
+    parts = ["lora_A.{}.weight", "lora_B.{}.weight"] + (["lora_magnitude_vector.{}.weight"] * dora)
     expected = {
-        f"{block}.{module}.{part}": "shared"
-        for block in blocks for target in targets for module in modules[target] for part in parts
+        f"{block}.{module}.{part.format(adapter)}": group
+        for block in blocks for target in targets for module in modules[target]
+        for adapter, group in (("default", "shared"), ("pet", "pet")) for part in parts
     }
     for adapter, group in (("ct_adapter", "ct"), ("pet_adapter", "pet"), ("fusion", "fusion")):
         for tensor in ("down.weight", "down.bias", "up.weight", "up.bias"):

@@ -3,7 +3,7 @@
 A layer names its trainable parts in ``trainable_parts`` (attribute -> group), as PEFT
 layers name theirs in ``adapter_layer_names``; a part's own ``frozen_parts`` are left out.
 :func:`parameter_groups` derives every tensor's group from these declarations, and puts
-the LoRA/DoRA tensors that peft injects in group ``shared``.
+the LoRA/DoRA tensors that peft injects in the group of their adapter (:data:`PEFT_GROUPS`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from pemma_core.model.monai_speed import speed_up_monai_modules
 from pemma_core.model.spec import ModelSpec
 from pemma_core.modes import REQUIRED_MODALITIES
 
-PEFT_GROUP = "shared"  # the LoRA/DoRA tensors peft injects into the transformer
+# The LoRA/DoRA adapters peft injects into the transformer, by adapter name -> group: the
+# shared one ("default", peft's name) learns from CT steps and serves every mode; the PET one
+# is added on top of it in the modes that read PET (pemma_core.model.pemma, "why two").
+PEFT_GROUPS = {"default": "shared", "pet": "pet"}
 
 
 class ModeState:
@@ -310,7 +313,9 @@ def parameter_groups(root: nn.Module) -> dict[str, str]:
     for module in root.modules():
         if isinstance(module, BaseTunerLayer):
             for attr in module.adapter_layer_names:
-                claim(getattr(module, attr).parameters(), PEFT_GROUP, set())
+                for adapter, part in getattr(module, attr).items():
+                    params = [part] if isinstance(part, nn.Parameter) else part.parameters()
+                    claim(params, PEFT_GROUPS[adapter], set())
         for attr, group in getattr(module, "trainable_parts", {}).items():
             part = getattr(module, attr, None)
             if part is None:

@@ -13,11 +13,13 @@ returns logits ``[B, out_channels, X, Y, Z]``.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from pemma_core.model.layers import (
@@ -32,13 +34,20 @@ from pemma_core.model.layers import (
 from pemma_core.model.spec import PRESETS, TARGETS, ModelSpec
 from pemma_core.modes import MODES, check_mode
 
-# Only CT+PET batches train the fusion projection (the single modes bypass it), so a
-# CT-only site never changes it.
+# Why two LoRA adapters: when one shared LoRA learnt from every mode, the PET-reading
+# steps moved the transformer that the CT mode runs through, and its CT Dice fell as
+# training grew (BENCHMARKS.md, "Forgetting"). Now the shared LoRA learns from CT steps only
+# and serves every mode; a second LoRA of the same shape (group pet) is stacked on it in the
+# modes that read PET and learns from them. The CT mode's path then holds only tensors that
+# CT steps train, and only CT+PET batches train the fusion projection (the single modes
+# bypass it), so a CT-only site never changes what PET sites learn, nor they its CT mode.
 MODE_GROUPS: dict[str, frozenset[str]] = {
     "ct": frozenset({"shared", "ct"}),
-    "pet": frozenset({"shared", "pet"}),
-    "ctpet": frozenset({"shared", "pet", "fusion"}),
+    "pet": frozenset({"pet"}),
+    "ctpet": frozenset({"pet", "fusion"}),
 }
+# The peft adapters active in each mode (names as in layers.PEFT_GROUPS).
+MODE_LORAS: dict[str, list[str]] = {"ct": ["default"], "pet": ["default", "pet"], "ctpet": ["default", "pet"]}
 
 # What ``spec.checkpointing`` changes (benchmarks/memory.py measures it). Profiling a small
 # preset step: the full-resolution decoder block holds most saved activations, but it is
@@ -153,7 +162,12 @@ class PemmaModel(SegmentationModel):
             target_modules=rf".*\.(?:{pattern})$",
             use_dora=spec.adapter == "dora",
         )
-        self.net = inject_adapter_in_model(lora, net)
+        net = inject_adapter_in_model(lora, net)
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: it is meant
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.net = inject_adapter_in_model(lora, net, adapter_name="pet")
+        # a plain list, not a ModuleList: these are already submodules of self.net
+        self._lora_layers = [m for m in self.net.modules() if isinstance(m, BaseTunerLayer)]
         if spec.checkpointing:
             _recompute_in_backward(self.net, spec.backbone)
         if spec.survival:
@@ -178,9 +192,16 @@ class PemmaModel(SegmentationModel):
     def groups_for_mode(self, mode: str) -> frozenset[str]:
         return MODE_GROUPS[mode]
 
-    def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+    def _enter_mode(self, image: torch.Tensor, mode: str) -> None:
         self.check_input(image, mode)
         self._state.mode = mode
+        # peft's set_adapter would also change requires_grad; which tensors a mode trains is
+        # train_step's business (MODE_GROUPS), so only the active list is switched here
+        for layer in self._lora_layers:
+            layer._active_adapter = MODE_LORAS[mode]
+
+    def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
+        self._enter_mode(image, mode)
         return self.net(image)
 
     @property
@@ -191,8 +212,7 @@ class PemmaModel(SegmentationModel):
 
     def encode(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         """Pooled transformer tokens of ``mode``: ``[B, 2, S, S, S] -> [B, feature_width]``."""
-        self.check_input(image, mode)
-        self._state.mode = mode
+        self._enter_mode(image, mode)
         if self.spec.backbone == "unetr":
             tokens, _ = self.net.vit(image)  # [B, N, hidden]
             return tokens.mean(dim=1)

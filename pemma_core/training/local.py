@@ -30,6 +30,7 @@ from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import DEFAULT_OVERLAP
 from pemma_core.modes import DEFAULT_MODE_WEIGHTS, check_mode
 from pemma_core.privacy import DpPlan
+from pemma_core.training.seg_metrics import NSD_TOLERANCE_MM, CaseMetrics, case_metrics, mean_defined, pooled_dice, spacing_of_affine
 
 __all__ = [
     "EvalResult",
@@ -347,6 +348,16 @@ class EvalResult:
     per_case: dict[str, dict[str, float]]  # mode -> case id -> Dice (stays at the site)
     seconds: dict[str, float] = field(default_factory=dict)  # mode -> inference seconds
     predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # mode -> case id -> uint8 mask
+    # Beside Dice (pemma_core.training.seg_metrics; empty where a caller built the result without them):
+    case_metrics: dict[str, dict[str, CaseMetrics]] = field(default_factory=dict)  # mode -> case id -> HD95, NSD, counts
+    hd95: dict[str, float | None] = field(default_factory=dict)  # mode -> mean HD95 over the cases where it is defined
+    hd95_cases: dict[str, int] = field(default_factory=dict)  # mode -> cases with a defined HD95 (the mean's weight)
+    nsd: dict[str, float | None] = field(default_factory=dict)  # mode -> mean surface Dice over cases
+    overlap: dict[str, int] = field(default_factory=dict)  # mode -> sum over cases of 2 |P and G| (voxels)
+    volume: dict[str, int] = field(default_factory=dict)  # mode -> sum over cases of |P| + |G| (voxels)
+    agg_dice: dict[str, float | None] = field(default_factory=dict)  # mode -> overlap / volume (None: all masks empty)
+    distance_unit: str = "mm"  # of HD95 and the NSD tolerance: "voxel" when the batches carry no grid_affine
+    nsd_tolerance: float = NSD_TOLERANCE_MM
 
 
 @torch.no_grad()
@@ -379,25 +390,46 @@ def evaluate_cases(
     device: str | torch.device = "cpu",
     overlap: float = DEFAULT_OVERLAP,
     keep_predictions: bool = False,
+    surface: bool = True,
+    nsd_tolerance: float = NSD_TOLERANCE_MM,
 ) -> EvalResult:
-    """Foreground Dice per case and mode over whole volumes ``{"image", "label", "case_id"}``.
+    """Foreground Dice per case and mode over whole volumes ``{"image", "label", "case_id"}``,
+    with HD95, surface Dice and the overlap counts beside it.
 
     MONAI ``DiceMetric`` without background; a non-empty label with an empty prediction
     scores 0 (``ignore_empty=False``). A case's Dice is the mean over the foreground
     classes; ``dice`` is the mean over cases. The batches are read once, every mode
     predicted on each. With ``keep_predictions`` the class maps are kept as uint8 masks.
+
+    Per case (:func:`pemma_core.training.seg_metrics.case_metrics`): HD95 and surface Dice
+    at ``nsd_tolerance`` in mm on the grid a batch's ``grid_affine`` gives (as
+    :func:`pemma_core.data.pipeline.eval_loader` batches carry it), in voxels when the
+    batches carry none (``distance_unit``); ``surface`` False skips both (they stay None).
+    Summaries per mode: ``hd95`` over the cases where it is defined (``hd95_cases`` of
+    them; an empty prediction of a non-empty label has none), ``nsd`` over all cases, and
+    the HECKTOR aggregated Dice ``agg_dice`` = ``overlap`` / ``volume`` from the summed counts.
     """
     for mode in modes:
         model.check_mode(mode)
     classes = model.spec.out_channels
     per_case: dict[str, dict[str, float]] = {m: {} for m in modes}
+    scored: dict[str, dict[str, CaseMetrics]] = {m: {} for m in modes}
     predictions: dict[str, dict[str, np.ndarray]] = {m: {} for m in modes}
     seconds = {m: 0.0 for m in modes}
+    units: set[str] = set()
     n = 0
     for batch in batches:
         label = batch["label"].cpu().long()
         rows = int(label.shape[0])
         case_ids = [str(c) for c in batch["case_id"]] if "case_id" in batch else [f"case{n + i}" for i in range(rows)]
+        affines = batch.get("grid_affine")
+        spacings = [spacing_of_affine(affines[row]) for row in range(rows)] if affines is not None else [None] * rows
+        units.add("mm" if affines is not None else "voxel")
+        if len(units) > 1:
+            raise ValueError(
+                f"evaluation batches mix cases with and without 'grid_affine' (at case {case_ids[0]!r}): "
+                "HD95 and surface Dice would mix millimetres and voxels"
+            )
         n += rows
         for mode in modes:
             start = time.perf_counter()
@@ -407,12 +439,22 @@ def evaluate_cases(
             scores = metric(one_hot(pred, classes), one_hot(label, classes)).mean(dim=1).tolist()
             for row, (case_id, score) in enumerate(zip(case_ids, scores)):
                 per_case[mode][case_id] = float(score)
+                scored[mode][case_id] = case_metrics(pred[row, 0], label[row, 0], classes, spacings[row],
+                                                     tolerance=nsd_tolerance, surface=surface)
                 if keep_predictions:
                     predictions[mode][case_id] = pred[row, 0].numpy().astype(np.uint8)
     if modes and not n:
         raise ValueError(f"no case to evaluate in mode {modes[0]}")
     dice = {m: float(np.mean(list(v.values()))) for m, v in per_case.items()}
-    return EvalResult(dice=dice, per_case=per_case, seconds=seconds, predictions=predictions if keep_predictions else {})
+    result = EvalResult(dice=dice, per_case=per_case, seconds=seconds, predictions=predictions if keep_predictions else {},
+                        case_metrics=scored, distance_unit=units.pop() if units else "mm", nsd_tolerance=float(nsd_tolerance))
+    for mode, cases in scored.items():
+        result.hd95[mode], result.hd95_cases[mode] = mean_defined(c.hd95 for c in cases.values())
+        result.nsd[mode] = float(np.mean([c.nsd for c in cases.values()])) if surface and cases else None
+        result.overlap[mode] = sum(2 * c.intersection for c in cases.values())
+        result.volume[mode] = sum(c.volume_sum for c in cases.values())
+        result.agg_dice[mode] = pooled_dice(result.overlap[mode], result.volume[mode])
+    return result
 
 
 def _metric_mean(scores: Iterable[float]) -> float:
@@ -425,8 +467,8 @@ def _metric_mean(scores: Iterable[float]) -> float:
 def evaluate(
     model: SegmentationModel, loader: Iterable, modes: Sequence[str], device: str | torch.device = "cpu"
 ) -> EvalResult:
-    """Mean foreground Dice per mode over whole volumes (:func:`evaluate_cases`), the
-    summary a site reports."""
+    """Mean foreground Dice per mode over whole volumes (:func:`evaluate_cases`, with its
+    HD95, surface Dice and overlap counts), the summary a site reports."""
     result = evaluate_cases(model, loader, modes, device)
     result.dice = {m: _metric_mean(cases.values()) for m, cases in result.per_case.items()}
     return result
