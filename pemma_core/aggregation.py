@@ -15,7 +15,7 @@ reporting ``examples={FULL_GROUP: n}``.
 1. :func:`validate_update` on every update (shapes, dtypes, finite values, counts, and the
    site's :class:`Allowance`: groups it may send, largest count, weight caps);
 2. the automatic outlier bound (``outlier_factor``): a site whose per-element update size
-   (:func:`delta_rms`) in any group is far above the round's pooled median is rejected;
+   (:func:`delta_rms`) in any group is far above the round's median (one vote per site) is rejected;
 3. the user bound ``max_norm``: rejected beyond it, or with ``clip=True`` scaled back to it
    (:func:`clip_update`);
 4. :func:`aggregate_adapters` per group with the group's rule (:data:`RULES`).
@@ -375,7 +375,7 @@ class RoundOutcome:
         weights: site -> group -> weight its tensors of that group had (the count after
             the allowance's cap for rule ``mean``; 1.0 for the unweighted rules).
         contributors: group -> sorted names of the sites whose tensors of it were aggregated.
-        reference_rms: the pooled median of ``rms`` the outlier bound used; None when not applied.
+        reference_rms: the median (one vote per site) of ``rms`` the outlier bound used; None when not applied.
         rms: site -> group -> :func:`delta_rms` of every update that passed validation.
     """
 
@@ -422,10 +422,12 @@ def aggregate_round(
     1. Each update goes through :func:`validate_update` with its site's allowance (when
        ``allowances`` is given, a site missing from it is rejected: nothing about it can
        be justified).
-    2. With ``outlier_factor``, the reference is the median of :func:`delta_rms` over all
-       (site, group) pairs of the validated updates. It is pooled over groups because with
-       Adam-type optimisers each element moves about ``lr`` per step whatever its group, and
-       because a per-group median cannot tell an outlier apart among one or two senders.
+    2. With ``outlier_factor``, the reference is the median over the validated updates of
+       each one's median :func:`delta_rms` over the groups it sent (one vote per site). It is
+       pooled over groups because with Adam-type optimisers each element moves about ``lr``
+       per step whatever its group, and because a per-group median cannot tell an outlier
+       apart among one or two senders; one vote per site, because a site that trains more
+       groups than the others must not outvote them.
        A site whose rms in any group exceeds ``outlier_factor * reference`` is *rejected*,
        not clipped: a k-times-larger update cannot be told from a scaled attack, and
        clipping it to the bound would still let a hostile site pull ``k/n`` typical steps
@@ -459,8 +461,10 @@ def aggregate_round(
     rms_of = [delta_rms(u, global_state, groups) if not why else {} for u, why in zip(updates, reasons)]
     rms = {u.site: values for u, values, why in zip(updates, rms_of, reasons) if not why}
 
-    pooled = [value for values in rms_of for value in values.values()]
-    reference = float(np.median(pooled)) if outlier_factor is not None and pooled else None
+    # one vote per site (its median over the groups it sent): pooling the (site, group) pairs
+    # let a site that trains more groups than the others hold half the pairs on its own
+    per_site = [float(np.median(list(values.values()))) for values in rms_of if values]
+    reference = float(np.median(per_site)) if outlier_factor is not None and per_site else None
     if reference:  # neither None nor 0
         for update, values, why in zip(updates, rms_of, reasons):
             if why:

@@ -142,7 +142,7 @@ class RoundRecord:
     note: str = ""
     sites: dict[int, SiteReport] = field(default_factory=dict)  # node id -> report
     contributors: dict[str, list[str]] = field(default_factory=dict)  # group -> sites whose tensors were aggregated
-    reference_rms: float | None = None  # the outlier rule's reference (pooled median RMS of the round's updates)
+    reference_rms: float | None = None  # the outlier rule's reference (median RMS of the round's updates, one vote per site)
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     secure: dict[str, Any] | None = None  # secure aggregation: members, cohorts, final set, dropouts, skipped groups

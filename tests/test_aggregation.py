@@ -468,3 +468,17 @@ def test_random_rounds_never_raise_and_stay_finite():
             assert value.dtype == state[name].dtype and np.all(np.isfinite(value)), (seed, name)
         for sites in outcome.contributors.values():
             assert set(sites) <= {u.site for u in outcome.accepted}
+
+
+def test_a_site_that_sends_more_groups_gets_one_vote_in_the_outlier_reference():
+    """Found by the scale adversary once the shared LoRA learnt from CT steps only: a CT+PET
+    site sent 4 groups, each honest site 2, so its 4 scaled groups were half the (site, group)
+    pairs and the pooled median sat among them; every update was then accepted."""
+    groups = {"shared": "shared", "ct": "ct", "pet": "pet", "fusion": "fusion"}
+    global_state = {name: np.zeros(16) for name in groups}
+    honest = lambda site, names: SiteUpdate(site, {n: np.full(16, 0.01) for n in names}, {n: 2 for n in names})  # noqa: E731
+    attacker = SiteUpdate("site-2", {n: np.full(16, 1e4) for n in groups}, {n: 1 for n in groups})
+    updates = [honest("site-1", ["shared", "ct"]), attacker, honest("site-3", ["pet", "fusion"])]
+    outcome = aggregate_round(global_state, updates, groups, None, min_sites=1, outlier_factor=5.0)
+    assert [u.site for u in outcome.accepted] == ["site-1", "site-3"]
+    assert outcome.reference_rms == pytest.approx(0.01)
