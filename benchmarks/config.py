@@ -89,6 +89,7 @@ class BenchConfig:
     fed_engine: str = "simulation"  # "simulation" (Flower + Ray) | "inprocess" (tests)
     fed_aggregation: str = field(default_factory=lambda: RunSettings.default("aggregation"))  # federated row's rule
     fed_wire_dtype: str = field(default_factory=lambda: RunSettings.default("wire_dtype"))  # federated row's tensors on the wire
+    fed_lora_aggregation: str = field(default_factory=lambda: RunSettings.default("lora_aggregation"))  # naive | exact
     fed_secure: bool = False  # federated row with secure aggregation
     fed_dp_epsilon: float = 0.0  # federated row with DP-SGD at this epsilon per site (0: none)
     threads: int | None = None
@@ -172,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         fed_engine=args.fed_engine,
         fed_aggregation=args.fed_aggregation,
         fed_wire_dtype=args.fed_wire_dtype,
+        fed_lora_aggregation=getattr(args, "fed_lora_aggregation", None) or default("fed_lora_aggregation"),
         fed_secure=bool(getattr(args, "fed_secure_aggregation", False)),
         fed_dp_epsilon=float(getattr(args, "fed_dp_epsilon", 0.0) or 0.0),
         threads=args.threads,

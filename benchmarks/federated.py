@@ -49,6 +49,7 @@ def _settings(bench: BackboneBench, run_dir: Path, seed: int) -> RunSettings:
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
         seed=seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
         secure_aggregation=config.fed_secure, dp_target_epsilon=config.fed_dp_epsilon,
+        lora_aggregation=config.fed_lora_aggregation,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
 
@@ -114,7 +115,7 @@ def _evaluate_rounds(bench: BackboneBench, run: RunDir,
             final, final_model = result, model
         records.append({
             "round": n, "dice": result.dice, "wall_seconds": r.get("wall_seconds"),
-            "reference_rms": r.get("reference_rms"),
+            "reference_rms": r.get("reference_rms"), "lora_naive_error": r.get("lora_naive_error"),
             "sites": [{k: s.get(k) for k in ("name", "status", "reason", "bytes_up", "train_seconds", "setup_seconds",
                                               "loss", "examples", "rms", "clip_factor")} for s in r.get("sites", [])],
         })
@@ -158,6 +159,7 @@ def run_federated(bench: BackboneBench, seed: int | None = None) -> dict[str, An
     return {
         "row": "pemma-lora-fed", "label": ROW_LABELS["pemma-lora-fed"], "backbone": bench.name, "kind": "pemma",
         "adapter": "lora", "engine": config.fed_engine, "aggregation": settings.aggregation,
+        "lora_aggregation": settings.lora_aggregation,
         "secure_aggregation": settings.secure_aggregation,
         "dp": {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
                "epsilon_spent": {s["name"]: s.get("dp_epsilon") for s in metrics["rounds"][-1].get("sites", [])}}

@@ -18,7 +18,10 @@ reporting ``examples={FULL_GROUP: n}``.
    (:func:`delta_rms`) in any group is far above the round's median (one vote per site) is rejected;
 3. the user bound ``max_norm``: rejected beyond it, or with ``clip=True`` scaled back to it
    (:func:`clip_update`);
-4. :func:`aggregate_adapters` per group with the group's rule (:data:`RULES`).
+4. :func:`aggregate_adapters` per group with the group's rule (:data:`RULES`);
+5. low-rank adapter pairs of ``mean`` groups (:mod:`pemma_core.lora_aggregation`): the naive
+   rule's error is measured, and with ``lora_aggregation="exact"`` each pair is replaced by
+   the re-factorised weighted mean of the sites' products.
 
 The server strategy, the in-process prognosis federation and ``simulation/lung_cox.py``
 all aggregate through it.
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pemma_core.lora_aggregation import LORA_AGGREGATIONS, exact_low_rank, low_rank_pairs, pooled_error
 from pemma_core.model.spec import FULL_GROUP
 
 __all__ = [
@@ -377,6 +381,11 @@ class RoundOutcome:
         contributors: group -> sorted names of the sites whose tensors of it were aggregated.
         reference_rms: the median (one vote per site) of ``rms`` the outlier bound used; None when not applied.
         rms: site -> group -> :func:`delta_rms` of every update that passed validation.
+        lora_naive_error: group -> the naive rule's relative error on its low-rank pairs,
+            ``sqrt(sum_pairs ||M - (sum w B)(sum w A)||^2) / sqrt(sum_pairs ||M||^2)`` with
+            ``M = sum w B A`` (0 when every ``M`` is 0); only groups with rule ``mean`` and a
+            pair sent this round. Measured whichever ``lora_aggregation`` the round used.
+        lora_naive_error_max: group -> the largest of that error over the group's pairs.
     """
 
     state: dict[str, np.ndarray]
@@ -388,6 +397,8 @@ class RoundOutcome:
     contributors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     reference_rms: float | None = None
     rms: dict[str, dict[str, float]] = field(default_factory=dict)
+    lora_naive_error: dict[str, float] = field(default_factory=dict)
+    lora_naive_error_max: dict[str, float] = field(default_factory=dict)
 
     def raise_for_rejected(self) -> RoundOutcome:
         """Raise :class:`RejectedUpdateError` listing every reason if any update was
@@ -416,6 +427,7 @@ def aggregate_round(
     allowances: Mapping[str, Allowance] | None = None,
     outlier_factor: float | None = None,
     rule: str | Mapping[str, str] = "mean",
+    lora_aggregation: str = "naive",
 ) -> RoundOutcome:
     """One federated round: validate, drop outliers, bound, aggregate per group.
 
@@ -440,6 +452,16 @@ def aggregate_round(
        them by ``rule`` (one of :data:`RULES`, or a mapping group -> rule), the weights
        being the counts capped by each allowance's ``weight_cap``. Otherwise the global
        state is kept (copied) and ``aggregated`` is False.
+    5. Low-rank pairs (:func:`pemma_core.lora_aggregation.low_rank_pairs` over the global
+       tensors) of groups combined by ``mean`` and sent this round: the naive rule's error
+       is measured (``lora_naive_error``) and, with ``lora_aggregation="exact"``, both
+       factors are replaced by the truncated SVD of ``sum_k w_k B_k A_k`` at the pair's own
+       rank (:func:`pemma_core.lora_aggregation.exact_low_rank`), ``w`` being the same
+       capped (and clipped) weights the mean used. Exact aggregation of a group with a
+       robust rule is refused (ValueError): a coordinate-wise median of products is not
+       what those rules bound. Under ``exact``, an update holding only one factor of a
+       pair is rejected; under ``naive`` that pair's error is simply not measured. DoRA's
+       magnitude vectors are not pairs: they get the example-weighted mean like any tensor.
 
     The inputs are not modified; ``accepted`` holds the original update objects.
     """
@@ -450,6 +472,18 @@ def aggregate_round(
     if outlier_factor is not None and not outlier_factor > 0:
         raise ValueError(f"outlier_factor must be > 0 or None, got {outlier_factor}")
     _check_rule(rule)
+    if lora_aggregation not in LORA_AGGREGATIONS:
+        raise ValueError(f"lora_aggregation must be one of {', '.join(LORA_AGGREGATIONS)}, got {lora_aggregation!r}")
+    pairs = low_rank_pairs(global_state)
+    for a_name, b_name in pairs.items():
+        if groups.get(a_name) != groups.get(b_name):
+            raise ValueError(f"low-rank pair {a_name!r} (group {groups.get(a_name)!r}) and {b_name!r} "
+                             f"(group {groups.get(b_name)!r}) must be in one parameter group")
+    if lora_aggregation == "exact":
+        robust = sorted({groups[a] for a in pairs if a in groups and _rule_of(rule, groups[a]) != "mean"})
+        if robust:
+            raise ValueError(f"lora_aggregation 'exact' needs rule 'mean' for every group with low-rank pairs; "
+                             f"group(s) {', '.join(robust)} use a robust rule (median, trimmed-mean)")
 
     reasons: list[list[str]] = []  # per update, in the order given
     for update in updates:
@@ -458,6 +492,12 @@ def aggregate_round(
             continue
         allowance = allowances.get(update.site) if allowances is not None else None
         reasons.append(validate_update(update, global_state, groups, None if clip else max_norm, allowance=allowance))
+    if lora_aggregation == "exact":  # the product needs both factors from every sender
+        for update, why in zip(updates, reasons):
+            for a_name, b_name in pairs.items():
+                if (a_name in update.tensors) != (b_name in update.tensors):
+                    half, other = (a_name, b_name) if a_name in update.tensors else (b_name, a_name)
+                    why.append(f"site {update.site!r}: sent {half!r} without its low-rank partner {other!r}")
     rms_of = [delta_rms(u, global_state, groups) if not why else {} for u, why in zip(updates, reasons)]
     rms = {u.site: values for u, values, why in zip(updates, rms_of, reasons) if not why}
 
@@ -493,6 +533,7 @@ def aggregate_round(
         state = {name: np.asarray(array).copy() for name, array in global_state.items()}
         return RoundOutcome(state, tuple(accepted), rejected, False, tuple(clips), rms=rms, reference_rms=reference)
     state = aggregate_adapters(global_state, effective, groups, rule=rule)
+    naive_error, naive_error_max = _low_rank_pass(state, global_state, effective, groups, rule, pairs, lora_aggregation)
     weights: dict[str, dict[str, float]] = {}
     contributors: dict[str, set[str]] = {}
     for update in effective:
@@ -510,4 +551,35 @@ def aggregate_round(
         contributors={group: tuple(sorted(sites)) for group, sites in sorted(contributors.items())},
         reference_rms=reference,
         rms=rms,
+        lora_naive_error=naive_error,
+        lora_naive_error_max=naive_error_max,
     )
+
+
+def _low_rank_pass(
+    state: dict[str, np.ndarray],
+    global_state: Mapping[str, np.ndarray],
+    effective: Sequence[SiteUpdate],
+    groups: Mapping[str, str],
+    rule: str | Mapping[str, str],
+    pairs: Mapping[str, str],
+    lora_aggregation: str,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Step 5 of :func:`aggregate_round`: per ``mean`` group, the naive error over its pairs
+    (pooled, largest) and, under ``exact``, ``state``'s pairs replaced (in place)."""
+    errors: dict[str, list] = {}
+    for a_name, b_name in sorted(pairs.items()):
+        group = groups.get(a_name)
+        if group is None or _rule_of(rule, group) != "mean":
+            continue
+        senders = [u for u in effective if a_name in u.tensors or b_name in u.tensors]
+        if not senders or any(a_name not in u.tensors or b_name not in u.tensors for u in senders):
+            continue  # nobody trained it, or (naive only: exact rejected them) a half-sent pair
+        result = exact_low_rank([u.tensors for u in senders], [float(u.examples.get(group, 0)) for u in senders],
+                                {a_name: b_name})
+        errors.setdefault(group, []).append(result.errors[a_name])
+        if lora_aggregation == "exact":
+            for name, value in result.tensors.items():
+                state[name] = value.astype(np.asarray(global_state[name]).dtype)
+    pooled = {group: pooled_error(values) for group, values in sorted(errors.items())}
+    return {g: p for g, (p, _) in pooled.items()}, {g: m for g, (_, m) in pooled.items()}

@@ -370,6 +370,26 @@ def _secure_section(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _lora_section(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """Per adapt round: the naive low-rank rule's relative error per group (pooled, largest pair) and the server step."""
+    rounds = [r for r in metrics.get("rounds", []) if r.get("lora_naive_error") or r.get("server_optimizer")]
+    if not rounds:
+        return []
+    lines = ["## Low-rank aggregation", "",
+             f"Low-rank pairs: **{settings.get('lora_aggregation', 'naive')}** aggregation; server optimiser "
+             f"**{settings.get('server_optimizer', 'none')}** (server-lr {settings.get('server_lr', '-')}). The naive "
+             "error is ||sum w B A - (sum w B)(sum w A)|| / ||sum w B A|| over each group's pairs (pooled; largest "
+             "pair in brackets): what averaging the factors separately loses (removed by exact aggregation, up to the "
+             "rank truncation).", "",
+             "| round | naive error per group | server step |", "|---|---|---|"]
+    for r in rounds:
+        errors = ", ".join(f"{g} {v:.3g} ({r.get('lora_naive_error_max', {}).get(g, float('nan')):.3g})"
+                           for g, v in sorted(r.get("lora_naive_error", {}).items())) or "-"
+        lines.append(f"| {r['round']} | {errors} | {r.get('server_optimizer') or '-'} |")
+    lines.append("")
+    return lines
+
+
 def _dp_section(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
     spent: dict[str, dict[int, Any]] = {}
     for r in metrics.get("rounds", []):
@@ -503,6 +523,7 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                 lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | |")
         lines.append("")
     lines += _robustness_section(metrics) + _privacy_section(metrics) + _secure_section(metrics) + _dp_section(metrics, settings) + _failures_section(metrics)
+    lines += _lora_section(metrics, settings)
     if dice_png:
         lines += ["## Dice per round", "", f"![Dice per round]({dice_png.relative_to(run.path)})", ""]
     if overlay is not None:

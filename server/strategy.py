@@ -49,6 +49,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from pemma_core import protocol
 from pemma_core.aggregation import SiteUpdate, aggregate_round
+from pemma_core.lora_aggregation import LORA_AGGREGATIONS
+from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS, OptimizerState, server_step
 from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
 from pemma_core.training import seg_metrics
@@ -146,6 +148,11 @@ class RoundRecord:
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     secure: dict[str, Any] | None = None  # secure aggregation: members, cohorts, final set, dropouts, skipped groups
+    # per group: the naive low-rank rule's relative error ||M - (sum w B)(sum w A)|| / ||M||, pooled over its pairs, and the largest
+    lora_naive_error: dict[str, float] = field(default_factory=dict)
+    lora_naive_error_max: dict[str, float] = field(default_factory=dict)
+    lora_aggregation: str = ""  # "naive" or "exact" where the round aggregated low-rank pairs in plain (not secure) form
+    server_optimizer: str = ""  # fedadam / fedyogi where the server stepped on the aggregated update
 
     def site(self, node_id: int, name: str) -> SiteReport:
         if node_id not in self.sites:
@@ -170,6 +177,11 @@ class RoundRecord:
             "train_metrics": dict(self.train_metrics),
             "eval_metrics": dict(self.eval_metrics),
             **({"secure_aggregation": self.secure} if self.secure is not None else {}),
+            **({"lora_aggregation": self.lora_aggregation} if self.lora_aggregation else {}),
+            **({"lora_naive_error": {g: float(f"{v:.6g}") for g, v in self.lora_naive_error.items()},
+                "lora_naive_error_max": {g: float(f"{v:.6g}") for g, v in self.lora_naive_error_max.items()}}
+               if self.lora_naive_error else {}),
+            **({"server_optimizer": self.server_optimizer} if self.server_optimizer else {}),
         }
 
 
@@ -210,6 +222,14 @@ class PemmaStrategy(FedAvg):
     secure: secure aggregation (``{"max_dropouts": int, "min_cohort": int}``; None: off):
         the server learns per group only the sum over the sites that trained it
         (:mod:`server.secure_rounds`); the sites clip and check their own updates.
+    lora_aggregation: ``naive`` or ``exact`` (:mod:`pemma_core.lora_aggregation`): how low-rank
+        pairs of ``mean`` groups are combined; the naive rule's error per group is written to
+        each round record either way (not under secure aggregation, where the server sees only
+        sums: ``exact`` is refused there). The phase runner passes it in phase ``adapt`` only.
+    server_optimizer: ``none``, ``fedadam`` or ``fedyogi`` (:mod:`pemma_core.server_optimizer`),
+        stepping on the aggregated update (plain and secure), with learning rate ``server_lr``;
+        refused with ``exact``. Its moments are kept in this object only: not checkpointed, so
+        a resumed run starts them from 0. The phase runner passes it in phase ``adapt`` only.
     """
 
     def __init__(
@@ -231,11 +251,21 @@ class PemmaStrategy(FedAvg):
         on_round_start: Callable[[Grid], object] | None = None,
         secure: Mapping[str, int] | None = None,
         round_timeout: float = 600.0,
+        lora_aggregation: str = "naive",
+        server_optimizer: str = "none",
+        server_lr: float = SERVER_LR,
     ) -> None:
         if phase not in protocol.PHASES:
             raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(protocol.PHASES)}")
         if min_sites < 1:
             raise ValueError(f"min-sites must be >= 1, got {min_sites}")
+        if lora_aggregation not in LORA_AGGREGATIONS or server_optimizer not in SERVER_OPTIMIZERS or not server_lr > 0:
+            raise ValueError(f"lora-aggregation must be one of {', '.join(LORA_AGGREGATIONS)} (got {lora_aggregation!r}), "
+                             f"server-optimizer one of {', '.join(SERVER_OPTIMIZERS)} (got {server_optimizer!r}), "
+                             f"server-lr > 0 (got {server_lr})")
+        if lora_aggregation == "exact" and (secure is not None or server_optimizer != "none" or rule != "mean"):
+            raise ValueError("lora-aggregation = exact needs aggregation = mean, no secure aggregation (the server "
+                             "sees only sums) and server-optimizer = none (the factors' basis changes every round)")
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -267,6 +297,10 @@ class PemmaStrategy(FedAvg):
         self._secure_round: SecureRound | None = None
         self._grid: Grid | None = None
         self._timeout = float(round_timeout)
+        self.lora_aggregation = lora_aggregation
+        self.server_optimizer = server_optimizer
+        self.server_lr = float(server_lr)
+        self.optimizer_state = OptimizerState()  # per-tensor moments; not saved with checkpoints (see above)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, base: ConfigRecord) -> ConfigRecord:
@@ -495,6 +529,7 @@ class PemmaStrategy(FedAvg):
             record.note = "not aggregated: no group could be aggregated securely; global tensors unchanged"
             record.aggregation_seconds = time.perf_counter() - start
             return None, None
+        state = self._server_step(record, state, [k for k, g in self.groups.items() if g in record.contributors])
         self.global_state = state
         record.aggregated = True
         total = sum(n for _, n in losses) or 1
@@ -566,7 +601,8 @@ class PemmaStrategy(FedAvg):
         allowances = ({u.site: self.roster.allowance(node, self.phase, self.instruction) for u, _, _, node in candidates}
                       if self.roster is not None else None)
         outcome = aggregate_round(self.global_state, updates, self.groups, self.max_update_norm, min_sites=self.min_sites,
-                                  clip=True, allowances=allowances, outlier_factor=self.outlier_factor, rule=self.rule)
+                                  clip=True, allowances=allowances, outlier_factor=self.outlier_factor, rule=self.rule,
+                                  lora_aggregation=self.lora_aggregation)
         accepted = {id(update) for update in outcome.accepted}
         rejections = iter(outcome.rejected)  # in the order of `updates`, like the accepted ones
         rejected = {id(u): list(next(rejections).reasons) for u in updates if id(u) not in accepted}
@@ -597,7 +633,16 @@ class PemmaStrategy(FedAvg):
             log.warning("round %d: %s", record.round, record.note)
             record.aggregation_seconds = time.perf_counter() - start
             return None, None
-        self.global_state = outcome.state
+        record.lora_naive_error = dict(outcome.lora_naive_error)
+        record.lora_naive_error_max = dict(outcome.lora_naive_error_max)
+        if outcome.lora_naive_error:
+            record.lora_aggregation = self.lora_aggregation
+            log.info("round %d: naive low-rank aggregation error (relative, pooled / largest pair) %s%s",
+                     record.round, ", ".join(f"{g} {v:.3g} / {outcome.lora_naive_error_max[g]:.3g}"
+                                            for g, v in outcome.lora_naive_error.items()),
+                     " (replaced by the exact product)" if self.lora_aggregation == "exact" else "")
+        self.global_state = self._server_step(record, outcome.state,
+                                              sorted({n for u in outcome.accepted for n in u.tensors}))
         record.aggregated = True
         record.contributors = {g: list(names) for g, names in outcome.contributors.items()}
         total = sum(n for _, n in losses) or 1
@@ -611,6 +656,16 @@ class PemmaStrategy(FedAvg):
             f", loss {record.train_metrics['loss']:.4f}" if losses else "",
         )
         return state_to_record(self.global_state), MetricRecord(record.train_metrics)
+
+    def _server_step(self, record: RoundRecord, aggregated: dict[str, np.ndarray], moved: Sequence[str]
+                     ) -> dict[str, np.ndarray]:
+        """``aggregated``, or with a server optimiser its step from the current global state over the
+        tensors ``moved`` (those some site sent: the groups that were aggregated)."""
+        if self.server_optimizer == "none":
+            return aggregated
+        record.server_optimizer = self.server_optimizer
+        return server_step(self.server_optimizer, self.global_state, aggregated, moved, self.optimizer_state,
+                           lr=self.server_lr)
 
     def _reject(self, record: RoundRecord, report: SiteReport, reasons: list[str]) -> None:
         report.status, report.reason = "rejected", "; ".join(reasons)

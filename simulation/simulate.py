@@ -36,7 +36,7 @@ SETTING_OPTIONS = (
     "backbone", "adapter", "preset", "rounds", "local_steps", "pretrain_rounds", "pretrain_steps", "prognosis_rounds",
     "prognosis_steps", "wire_dtype", "seed", "min_sites", "max_update_norm", "outlier_factor", "aggregation",
     "phantom_cases", "phantom_sites", "secure_max_dropouts", "secure_min_cohort", "dp_target_epsilon", "dp_delta",
-    "dp_clip",
+    "dp_clip", "lora_aggregation", "server_optimizer", "server_lr", "lr", "pretrain_lr",
 )
 
 

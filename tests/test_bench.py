@@ -33,7 +33,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory, ibsi_root: Path) -> tupl
         "bench", "--preset", "tiny", "--backbones", "unetr", "--data-root", str(ibsi_root),
         "--pretrain-steps", "2", "--fed-rounds", "1", "--fed-local-steps", "1", "--cnn-steps", "2",
         "--train-cases", "2", "--test-cases", "2", "--speed-steps", "1", "--fed-engine", "inprocess",
-        "--threads", "1", "--seeds", "2", "--out", str(out),
+        "--threads", "1", "--seeds", "2", "--fed-lora-aggregation", "exact", "--out", str(out),
     ])
     assert code == 0
     return out, json.loads((out / "bench.json").read_text())
@@ -76,6 +76,10 @@ def test_every_row_has_its_numbers(bench_run):
     assert fed["bytes_up_per_site"]["ibsi-site-a"] < fed["bytes_up_per_site"]["ibsi-site-b"]  # CT-only site: fewer groups
     assert [r["round"] for r in fed["per_round"]] == [1]
     assert fed["run_dir"].endswith("fed-unetr-seed0")
+    # exact low-rank aggregation ran, and the naive rule's error was measured beside it
+    assert fed["lora_aggregation"] == "exact"
+    errors = fed["per_round"][0]["lora_naive_error"]
+    assert set(errors) >= {"shared", "pet"} and all(0.0 <= e < 1.0 for e in errors.values()), errors
     # the centralized PEMMA rows are the federated row's fair reference: its mode mix, ct steps included
     assert rows["pemma-lora"]["mode_weights"] == pytest.approx({"ct": 7 / 15, "pet": 2 / 15, "ctpet": 6 / 15})
     assert rows["pemma-lora"]["train_data"].startswith("pooled, all sites")

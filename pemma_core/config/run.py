@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from pemma_core.aggregation import RULES
+from pemma_core.lora_aggregation import LORA_AGGREGATIONS
 from pemma_core.model.spec import ADAPTERS, BACKBONES, PRESETS, ModelSpec
 from pemma_core.protocol import WIRE_DTYPES
+from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS
 
 __all__ = ["RunConfigError", "RunSettings"]
 
@@ -112,6 +114,14 @@ class RunSettings(BaseModel):
                                                          "(every phase; 0: off)")
     aggregation: Literal[RULES] = Field("mean", description="how each parameter group is combined: mean (weighted by "  # type: ignore[valid-type]
                                                             "examples), or the Byzantine-robust median or trimmed-mean")
+    lora_aggregation: Literal[LORA_AGGREGATIONS] = Field(  # type: ignore[valid-type]
+        "naive", description="adapt: low-rank adapter pairs: naive (each factor averaged) or exact (the weighted mean "
+                             "of the sites' products B A, re-factorised to the rank by truncated SVD); needs "
+                             "aggregation = mean and no secure aggregation")
+    server_optimizer: Literal[SERVER_OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "none", description="adapt: server step on the aggregated update: none (take it), fedadam or fedyogi "
+                            "(Reddi et al. 2021); not with lora-aggregation = exact")
+    server_lr: float = Field(SERVER_LR, gt=0, description="adapt: the server optimiser's learning rate (eta)")
     secure_aggregation: bool = Field(False, strict=False, description="the server learns, per parameter group, only "
                                                                      "the weighted sum over the sites that trained it "
                                                                      "(pairwise masks, Shamir dropout recovery); sites "
@@ -138,6 +148,22 @@ class RunSettings(BaseModel):
     @model_validator(mode="after")
     def _valid_model_spec(self) -> RunSettings:
         self.model_spec()  # the preset exists for this backbone, and the spec's own checks
+        return self
+
+    @model_validator(mode="after")
+    def _valid_lora_aggregation(self) -> RunSettings:
+        if self.lora_aggregation != "exact":
+            return self
+        if self.aggregation != "mean":
+            raise ValueError(f"lora-aggregation = exact needs aggregation = mean, not {self.aggregation!r}: the "
+                             "robust rules combine each coordinate on its own, a mean of products is not one of them")
+        if self.secure_aggregation:
+            raise ValueError("lora-aggregation = exact cannot run with secure-aggregation = true: the server sees "
+                             "only the sums of the factors, not each site's product B A")
+        if self.server_optimizer != "none":
+            raise ValueError(f"server-optimizer = {self.server_optimizer} cannot run with lora-aggregation = exact: "
+                             "the re-factorisation changes the factors' basis every round, so moments kept over "
+                             "A and B would mean nothing")
         return self
 
     # ------------------------------------------------------------- reading
