@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,17 +522,25 @@ def test_tls_authenticated_deployment_runs_two_rounds_and_refuses_unknown_supern
             return str(runs[0].get("status", ""))
 
         killed: list[str] = []
+        stop_watching = threading.Event()
 
         def kill_victim_after_its_masked_update() -> None:
-            text = nodes[VICTIM].log.read_text(errors="replace")
-            sends = [m.start() for m in re.finditer(r"Sending: train message", text)]
-            if not killed and len(sends) >= ROUNDS and "Sent successfully" in text[sends[ROUNDS - 1]:]:
-                nodes[VICTIM].snapshot()
-                os.killpg(nodes[VICTIM].popen.pid, signal.SIGKILL)
-                killed.append(VICTIM)
+            # Its own thread, polling only the victim's log: the window between its masked update
+            # leaving and its answer to the confirm stage is a few seconds, which the main loop
+            # (a `flwr list` process per poll) can miss on a loaded machine.
+            while not stop_watching.wait(0.05):
+                text = nodes[VICTIM].log.read_text(errors="replace")
+                sends = [m.start() for m in re.finditer(r"Sending: train message", text)]
+                if len(sends) >= ROUNDS and "Sent successfully" in text[sends[ROUNDS - 1]:]:
+                    nodes[VICTIM].snapshot()
+                    killed.append(VICTIM)  # before the kill: the main loop must not see it die unlisted
+                    os.killpg(nodes[VICTIM].popen.pid, signal.SIGKILL)
+                    return
+
+        watcher = threading.Thread(target=kill_victim_after_its_masked_update, daemon=True)
+        watcher.start()
 
         def progressed():
-            kill_victim_after_its_masked_update()
             status = run_status()
             if status.startswith("finished"):
                 return status
@@ -540,7 +549,11 @@ def test_tls_authenticated_deployment_runs_two_rounds_and_refuses_unknown_supern
             return None
 
         # 7. the run completes: two rounds, three hospitals in the first, the two survivors in the second
-        final = _wait(progressed, RUN_TIMEOUT, f"run {run_id} to finish", d, poll=2.0)
+        try:
+            final = _wait(progressed, RUN_TIMEOUT, f"run {run_id} to finish", d, poll=2.0)
+        finally:
+            stop_watching.set()
+            watcher.join()
         run_log = d.flwr("log", run_id, CONNECTION, "--show", timeout=60.0)
         (d.logs / "run.log").write_text(run_log.stdout + run_log.stderr)
         assert final == "finished:completed", f"run {run_id}: {final}\n{run_log.stdout[-4000:]}\n{d.diagnostics()}"
