@@ -540,7 +540,8 @@ def prognosis_site(
     has no event, sends nothing.
     """
     from pemma_core.data.clinical import EhrPreprocessor
-    from pemma_core.training.prognosis import check_site_covariates, evaluate_survival, load_cohort, train_survival
+    from pemma_core.training.prognosis import check_site_covariates, load_cohort, predict_risk, train_survival
+    from pemma_core.training.survival import concordance, concordance_pairs
 
     kind = protocol.TRAIN["prognosis"]
     refuse_outside_limits(site, instruction)
@@ -589,7 +590,9 @@ def prognosis_site(
                                        f"limits.min_eval_cases {site.limits.min_eval_cases}")
         else:
             eval_mode = "ctpet" if "ctpet" in modes else modes[0]
-            metrics["c-index"] = float(evaluate_survival(model, test, eval_mode, omit_ehr=True))
+            risk = predict_risk(model, test, eval_mode, omit_ehr=True)
+            metrics["c-index"] = float(concordance(risk, test.time, test.event))  # ValueError first: no pair
+            metrics["c-score"], metrics["c-pairs"] = concordance_pairs(risk, test.time, test.event)
             metrics["cases-survival"] = len(test)
     except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
         pass

@@ -324,7 +324,8 @@ _DECLARED = frozenset(f"train-cases-{kind}" for kind in DECLARED)
 # the site clipped to the round's range before masking.
 _TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up", "dp-epsilon",
                        "dp-steps", "secure-clipped"}) | _EXAMPLES
-_SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival"})  # of the site's held-out split
+# of the site's held-out split; c-score / c-pairs: the counts behind its C-index (pemma_core.training.survival.concordance_pairs)
+_SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival", "c-score", "c-pairs"})
 # Per reported mode, beside Dice and its case count: the mean HD95 over the cases where it is defined and
 # that count, the mean surface Dice, and the two overlap sums (2 |P and G|, |P| + |G|, voxels) from which
 # the server computes the HECKTOR aggregated Dice exactly (pemma_core.training.seg_metrics).
@@ -447,6 +448,7 @@ def reply_problems(
             problems.append(f"metric {str(key)[:80]!r} is not an aggregate metric name")
         elif (problem := metric_value_problem(key, value)) is not None:
             problems.append(problem)
+    problems += _pair_count_problems(reply.metrics)
     for key, value in reply.meta.items():
         if key not in allowed.config:
             problems.append(f"config entry {str(key)[:80]!r} may not cross the wire")
@@ -459,6 +461,20 @@ def reply_problems(
         if case_id and any(case_id in text for text in texts):
             problems.append(f"a case id ({case_id!r}) appears in the message")
     return problems
+
+
+def _pair_count_problems(metrics: Mapping[str, Any]) -> list[str]:
+    """The C-index counts come together and agree: the score is at most twice the pairs
+    (every pair concordant), and a site cannot have more pairs than its cases make."""
+    if not {"c-score", "c-pairs"} & set(metrics):
+        return []
+    try:
+        score, pairs, cases = (int(metrics[k]) for k in ("c-score", "c-pairs", "cases-survival"))
+    except (KeyError, TypeError, ValueError):
+        return ["c-score, c-pairs and cases-survival come together, as whole numbers"]
+    if score > 2 * pairs or pairs > cases * (cases - 1) // 2:
+        return [f"c-score {score} / c-pairs {pairs} are no pair counts of {cases} case(s)"]
+    return []
 
 
 def check_reply(

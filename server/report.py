@@ -519,6 +519,9 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                              f"{s['name']} | {status} | {format_value(s.get('loss'))} | {events} | {format_value(s.get('c_index'))} |")
             if "c-index" in r.get("train_metrics", {}):
                 lines.append(f"| {r['round']} | | mean | | | | {r['train_metrics']['c-index']:.3f} |")
+            if "c-index-pooled" in r.get("train_metrics", {}):
+                lines.append(f"| {r['round']} | | pooled over {r['train_metrics']['c-index-pairs']:.0f} within-site pairs | "
+                             f"| | | {r['train_metrics']['c-index-pooled']:.3f} |")
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | |")
         lines.append("")

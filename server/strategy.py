@@ -54,6 +54,7 @@ from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS, OptimizerS
 from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
 from pemma_core.training import seg_metrics
+from pemma_core.training.survival import pooled_concordance
 from server import records
 from server.roster import Roster, one_line_cause
 from server.secure_rounds import ADAM_RANGE_FACTOR, SecureRound, close_round, open_round
@@ -81,6 +82,7 @@ class SiteReport:
     # mode -> its other evaluate metrics: "agg-dice" (its own overlap / volume), "hd95", "nsd", as it sent them
     seg: dict[str, dict[str, float]] = field(default_factory=dict)
     c_index: float | None = None  # prognosis: C-index on the site's held-out split
+    c_pairs: tuple[int, int] | None = None  # prognosis: its (score, admissible pairs) behind the C-index
     dp_epsilon: float | None = None  # DP-SGD: the epsilon the site has spent in this run so far
     dp_steps: int | None = None  # DP-SGD: its private steps in this round
     dp_stopped: str = ""  # DP-SGD: why it trained fewer steps (its budget is spent)
@@ -118,6 +120,8 @@ class SiteReport:
             out["seg"] = {mode: dict(values) for mode, values in self.seg.items()}
         if self.c_index is not None:
             out["c_index"] = self.c_index
+        if self.c_pairs is not None:
+            out["c_pairs"] = list(self.c_pairs)
         if self.clip_factor is not None:
             out["clip_factor"] = self.clip_factor
         for key in ("dp_epsilon", "dp_steps", "secure_clipped"):
@@ -188,6 +192,24 @@ class RoundRecord:
 def state_to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
     """Global tensors as an ArrayRecord in their wire form."""
     return records.to_record(protocol.to_wire(state, wire_dtype))
+
+
+def _pair_counts(metrics: Mapping[str, Any]) -> tuple[int, int] | None:
+    """A prognosis reply's (score, pairs) C-index counts (checked by the protocol), or None."""
+    if "c-score" in metrics and "c-pairs" in metrics:
+        return int(metrics["c-score"]), int(metrics["c-pairs"])
+    return None
+
+
+def _pooled_c_index(reports: Iterable[SiteReport]) -> dict[str, float]:
+    """``c-index-pooled`` and ``c-index-pairs``: one C-index over every reporting site's
+    within-site pairs of its held-out split; nothing when no site has a pair."""
+    counts = [r.c_pairs for r in reports if r.c_pairs is not None]
+    try:
+        c_index, pairs = pooled_concordance(counts)
+    except ValueError:
+        return {}
+    return {"c-index-pooled": c_index, "c-index-pairs": pairs}
 
 
 class PemmaStrategy(FedAvg):
@@ -488,6 +510,7 @@ class PemmaStrategy(FedAvg):
             self._read_site_metrics(report, reply.metrics, reply.meta)
             report.loss = float(reply.metrics["loss"]) if "loss" in reply.metrics else None
             report.c_index = float(reply.metrics["c-index"]) if "c-index" in reply.metrics else None
+            report.c_pairs = _pair_counts(reply.metrics)
             if report.loss is not None:
                 losses.append((report.loss, max(1, int(reply.metrics.get("num-examples", 1)))))
         for node in (sr.names if sr is not None else {}):
@@ -538,6 +561,7 @@ class PemmaStrategy(FedAvg):
                      if r.c_index is not None and r.name in sr.final]
         if c_indices:
             record.train_metrics["c-index"] = sum(c * n for c, n in c_indices) / sum(n for _, n in c_indices)
+        record.train_metrics.update(_pooled_c_index([r for r in record.sites.values() if r.name in sr.final]))
         record.aggregation_seconds = time.perf_counter() - start
         log.info("round %d (%s): securely aggregated %s over %s", record.round, self.phase,
                  ", ".join(sorted(record.contributors)), ", ".join(sr.final))
@@ -622,6 +646,7 @@ class PemmaStrategy(FedAvg):
                 losses.append((report.loss, max(1, int(metrics.get("num-examples", 1)))))
             if "c-index" in metrics:
                 report.c_index = float(metrics["c-index"])
+                report.c_pairs = _pair_counts(metrics)
                 c_indices.append((report.c_index, max(1, int(metrics.get("cases-survival", 1)))))
         record.reference_rms = outcome.reference_rms
         sent = list(record.sites.values())
@@ -649,6 +674,7 @@ class PemmaStrategy(FedAvg):
         record.train_metrics = {"loss": sum(l * n for l, n in losses) / total} if losses else {}
         if c_indices:  # case-weighted mean of the sites' held-out C-indices
             record.train_metrics["c-index"] = sum(c * n for c, n in c_indices) / max(1, sum(n for _, n in c_indices))
+        record.train_metrics.update(_pooled_c_index(record.sites.values()))  # only accepted sites' reports hold counts
         record.aggregation_seconds = time.perf_counter() - start
         log.info(
             "round %d (%s): aggregated %d of %d sites%s",

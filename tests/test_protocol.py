@@ -109,6 +109,7 @@ def test_reply_problems_names_each_violation() -> None:
         (TRAIN["adapt"], {"num-examples": 4, "loss": 0.5, "examples-shared": 4, "examples-ct": 4, "bytes-up": 128}, META),
         (TRAIN["prognosis"], {"loss": 0.4, "c-index": 0.7, "cases-survival": 2, "events-survival": 3,
                               "examples-prognosis": 3, "examples-ehr": 3}, META),
+        (TRAIN["prognosis"], {"loss": 0.4, "c-index": 0.75, "c-score": 9, "c-pairs": 6, "cases-survival": 4}, META),
         (EVALUATE, {"num-examples": 2, "eval-seconds": 0.3, "dice-ctpet": 0.6, "cases-ctpet": 2, "dice-ct": 0.5}, META),
         (EHR_STATS, {}, {"site": "s", "ehr-stats": "{}"}),
         (INSTALL_BACKBONE, {}, META),
@@ -117,6 +118,14 @@ def test_reply_problems_names_each_violation() -> None:
 def test_each_kind_of_reply_passes_with_what_it_may_hold(kind, metrics: dict, meta: dict) -> None:
     arrays = {"a": np.zeros((3, 3), dtype=np.float32)} if protocol.REPLIES[kind].tensors else {}
     assert protocol.reply_problems(kind, Reply(arrays, metrics, meta), ["a", "b"], ROI, case_ids=["case-007"]) == []
+
+
+@pytest.mark.parametrize("counts", [{"c-score": 13, "c-pairs": 6, "cases-survival": 4},  # score above 2 x pairs
+                                    {"c-score": 2, "c-pairs": 7, "cases-survival": 4},  # 4 cases make 6 pairs
+                                    {"c-score": 2, "c-pairs": 1}])  # without its case count
+def test_c_index_pair_counts_that_cannot_be_are_refused(counts: dict) -> None:
+    problems = protocol.reply_problems(TRAIN["prognosis"], Reply({}, {"loss": 0.4, **counts}, META), [], ROI)
+    assert len(problems) == 1 and "c-score" in problems[0], problems
 
 
 def test_what_a_reply_may_hold_depends_on_its_kind() -> None:

@@ -62,6 +62,7 @@ CT_SLICE_MM = 3.0
 # Hazard model (module docstring). Standardisation uses the sampling distributions.
 RADIUS_RANGE_MM = (7.0, 20.0)  # main sphere; ln(volume) is uniform over this range
 SUV_MEAN_RANGE = (3.0, 10.0)  # ln(mean SUV) uniform
+TUMOUR_CONTRAST_HU = (10.0, 40.0)  # above muscle, uniform
 BETA_VOLUME = 0.8
 BETA_SUV = 0.8
 BETA_AGE_PER_SD = 0.5
@@ -185,7 +186,7 @@ def draw_case(rng: np.random.Generator) -> PhantomCase:
         tumour_spheres=spheres,
         hu_fat=float(rng.uniform(-110, -90)),
         hu_muscle=float(rng.uniform(35, 55)),
-        tumour_contrast_hu=float(rng.uniform(10, 40)),
+        tumour_contrast_hu=float(rng.uniform(*TUMOUR_CONTRAST_HU)),
         suv_muscle=float(rng.uniform(0.8, 1.1)),
         suv_mean=float(math.exp(rng.uniform(*np.log(SUV_MEAN_RANGE)))),
         uptake_blobs=tuple(blobs),

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 Ties = Literal["breslow", "efron"]
 TIES: tuple[str, ...] = ("breslow", "efron")
 
-__all__ = ["TIES", "cox_partial_nll", "concordance", "SurvivalHead", "EhrEncoder"]
+__all__ = ["TIES", "cox_partial_nll", "concordance", "concordance_pairs", "pooled_concordance", "SurvivalHead", "EhrEncoder"]
 
 
 def cox_partial_nll(risk: Tensor, time: Tensor, event: Tensor, ties: Ties = "breslow") -> Tensor:
@@ -197,6 +197,39 @@ def concordance(risk: ArrayLike, time: ArrayLike, event: ArrayLike) -> float:
         return float(concordance_index(time_np, -risk_np, event_np))
     except ZeroDivisionError as error:  # lifelines' message for "no admissible pairs"
         raise ValueError("C-index undefined: no admissible pairs (are there any events?)") from error
+
+
+def concordance_pairs(risk: ArrayLike, time: ArrayLike, event: ArrayLike) -> tuple[int, int]:
+    """The counts behind :func:`concordance`: ``(score, pairs)`` with ``pairs`` the admissible
+    pairs and ``score`` twice the concordant ones plus the pairs tied in risk (an integer, so
+    sites can send it as a count). ``score / (2 * pairs)`` is the C-index lifelines gives.
+
+    Summed over sites, the counts give one C-index over every site's within-site pairs
+    (:func:`pooled_concordance`): pairs never cross sites, so no case leaves its site.
+    A pair is admissible when the shorter time is an event; at equal times an event
+    before a censoring counts (the censored case survived at least as long), two events
+    do not.
+    """
+    r, t, e = (_as_numpy_1d(v) for v in (risk, time, event))
+    if not len(r) == len(t) == len(e):
+        raise ValueError(f"risk, time and event differ in length ({len(r)}, {len(t)}, {len(e)})")
+    e = e.astype(bool)
+    earlier = (t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & ~e[None, :])
+    admissible = earlier & e[:, None]
+    np.fill_diagonal(admissible, False)
+    higher = r[:, None] > r[None, :]
+    tied = r[:, None] == r[None, :]
+    return int(2 * (admissible & higher).sum() + (admissible & tied).sum()), int(admissible.sum())
+
+
+def pooled_concordance(counts: Sequence[tuple[int, int]]) -> tuple[float, int]:
+    """``(C-index, pairs)`` over the summed ``(score, pairs)`` counts of several sites
+    (:func:`concordance_pairs`); ValueError when no site has an admissible pair."""
+    score = sum(int(s) for s, _ in counts)
+    pairs = sum(int(p) for _, p in counts)
+    if pairs <= 0:
+        raise ValueError("C-index undefined: no admissible pairs over the sites")
+    return score / (2 * pairs), pairs
 
 
 def _as_numpy_1d(values: ArrayLike) -> np.ndarray:
