@@ -541,7 +541,7 @@ def prognosis_site(
     """
     from pemma_core.data.clinical import EhrPreprocessor
     from pemma_core.training.prognosis import check_site_covariates, load_cohort, predict_risk, train_survival
-    from pemma_core.training.survival import concordance, concordance_pairs
+    from pemma_core.training.survival import concordance_pairs
 
     kind = protocol.TRAIN["prognosis"]
     refuse_outside_limits(site, instruction)
@@ -590,9 +590,10 @@ def prognosis_site(
                                        f"limits.min_eval_cases {site.limits.min_eval_cases}")
         else:
             eval_mode = "ctpet" if "ctpet" in modes else modes[0]
-            risk = predict_risk(model, test, eval_mode, omit_ehr=True)
-            metrics["c-index"] = float(concordance(risk, test.time, test.event))  # ValueError first: no pair
-            metrics["c-score"], metrics["c-pairs"] = concordance_pairs(risk, test.time, test.event)
+            score, pairs = concordance_pairs(predict_risk(model, test, eval_mode, omit_ehr=True), test.time, test.event)
+            if pairs == 0:
+                raise ValueError("no admissible pair in the held-out split")
+            metrics["c-index"], metrics["c-score"], metrics["c-pairs"] = score / (2 * pairs), score, pairs
             metrics["cases-survival"] = len(test)
     except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
         pass

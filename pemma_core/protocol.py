@@ -465,7 +465,8 @@ def reply_problems(
 
 def _pair_count_problems(metrics: Mapping[str, Any]) -> list[str]:
     """The C-index counts come together and agree: the score is at most twice the pairs
-    (every pair concordant), and a site cannot have more pairs than its cases make."""
+    (every pair concordant), a site cannot have more pairs than its cases make, and the
+    C-index it sends is the one its counts give."""
     if not {"c-score", "c-pairs"} & set(metrics):
         return []
     try:
@@ -474,6 +475,8 @@ def _pair_count_problems(metrics: Mapping[str, Any]) -> list[str]:
         return ["c-score, c-pairs and cases-survival come together, as whole numbers"]
     if score > 2 * pairs or pairs > cases * (cases - 1) // 2:
         return [f"c-score {score} / c-pairs {pairs} are no pair counts of {cases} case(s)"]
+    if "c-index" in metrics and pairs and abs(float(metrics["c-index"]) - score / (2 * pairs)) > 1e-9:
+        return [f"c-index {float(metrics['c-index']):.4g} is not c-score / (2 c-pairs) = {score / (2 * pairs):.4g}"]
     return []
 
 

@@ -343,10 +343,10 @@ def run(args: argparse.Namespace) -> int:
         mean = final.get("train_metrics", {}).get("c-index")
         print("final prognosis C-index (held-out splits): " + (per_site or "none computable")
               + (f"; mean {mean:.3f}" if mean is not None else ""))
-        pooled = final.get("train_metrics", {})
-        if "c-index-pooled" in pooled:
-            print(f"pooled C-index {pooled['c-index-pooled']:.3f} over {pooled['c-index-pairs']:.0f} within-site pairs"
-                  + (" (fewer than 30: read it as noise)" if pooled["c-index-pairs"] < 30 else ""))
+        train = final.get("train_metrics", {})
+        if "c-index-pooled" in train:
+            print(f"pooled C-index {train['c-index-pooled']:.3f} over {train['c-index-pairs']:.0f} within-site pairs"
+                  + (" (fewer than 30: read it as noise)" if train["c-index-pairs"] < 30 else ""))
     if share.get("rounds"):
         print(f"time outside local training: {share['overhead_share']:.0%} of the adapt rounds' train wall time")
     print(f"report: {path / 'report.md'}")

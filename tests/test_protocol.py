@@ -122,7 +122,8 @@ def test_each_kind_of_reply_passes_with_what_it_may_hold(kind, metrics: dict, me
 
 @pytest.mark.parametrize("counts", [{"c-score": 13, "c-pairs": 6, "cases-survival": 4},  # score above 2 x pairs
                                     {"c-score": 2, "c-pairs": 7, "cases-survival": 4},  # 4 cases make 6 pairs
-                                    {"c-score": 2, "c-pairs": 1}])  # without its case count
+                                    {"c-score": 2, "c-pairs": 1},  # without its case count
+                                    {"c-index": 0.9, "c-score": 9, "c-pairs": 6, "cases-survival": 4}])  # 9 / 12 is 0.75
 def test_c_index_pair_counts_that_cannot_be_are_refused(counts: dict) -> None:
     problems = protocol.reply_problems(TRAIN["prognosis"], Reply({}, {"loss": 0.4, **counts}, META), [], ROI)
     assert len(problems) == 1 and "c-score" in problems[0], problems
