@@ -28,6 +28,7 @@ from __future__ import annotations
 import binascii
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -58,6 +59,7 @@ from pemma_core.secure_sum import (
 __all__ = ["SiteRound", "SecureAggregationError"]
 
 _PHASES = ("keys", "shared", "received", "masked", "answered")
+_GLOBAL_RNG = threading.Lock()  # numpy's global generator, borrowed for the stochastic rounding
 
 
 def _check_name(name: object, field: str, site: str | None = None) -> str:
@@ -359,13 +361,15 @@ class SiteRound:
             arrays.append(array)
 
         # The stochastic rounding draws from numpy's global RNG; seeding it per site and round
-        # keeps a run reproducible, and restoring it leaves the caller's stream untouched.
-        saved = np.random.get_state()
-        try:
-            np.random.seed([self._seed & 0xFFFFFFFF, self._seed >> 32, self._round])
-            quantised = quantize(arrays, float(clip_range), int(target_range))
-        finally:
-            np.random.set_state(saved)
+        # keeps a run reproducible, and restoring it leaves the caller's stream untouched. The
+        # lock keeps sites that answer side by side in one process (simulation) off each other's draws.
+        with _GLOBAL_RNG:
+            saved = np.random.get_state()
+            try:
+                np.random.seed([self._seed & 0xFFFFFFFF, self._seed >> 32, self._round])
+                quantised = quantize(arrays, float(clip_range), int(target_range))
+            finally:
+                np.random.set_state(saved)
 
         peers = {peer for group in weights for peer in cohort_of[group] if peer != self._site}
         seeds = {peer: pairwise_seed(self._sk_mask, public_from_bytes(self._members[peer][1])) for peer in peers}

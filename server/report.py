@@ -35,21 +35,35 @@ def overhead_share(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str
 
     Over every round of ``phase``: ``train_wall`` is the server's time from sending the
     global tensors to having aggregated the replies; ``local_training`` the sites' own
-    optimiser time (summed: the simulation runs one site at a time, as a 2-core machine
-    must); ``site_setup`` the sites' model building and data loading. Everything else,
-    ``flower_and_aggregation``, is message passing, (de)serialisation, validation and
-    aggregation. Shares are fractions of ``train_wall``.
+    optimiser time on the round's critical path: the simulation runs ``site_workers`` sites
+    side by side (the run info; 1 when absent), node ``n`` on worker ``(n - 1) % site_workers``
+    (:meth:`simulation.inprocess.InProcessGrid.worker_of`), so a round's local training is
+    its busiest worker's sum; ``site_setup`` the sites' model building and data loading, on
+    the same path. Everything else, ``flower_and_aggregation``, is message passing,
+    (de)serialisation, validation, aggregation and a worker waiting for the busiest one.
+    Shares are fractions of ``train_wall``.
     """
     rounds = phase_rounds(metrics, phase)
+    workers = max(1, int(metrics.get("run", {}).get("site_workers", 1) or 1))
     wall = sum(float(r.get("train_wall_seconds", 0.0)) for r in rounds)
-    train = sum(float(s.get("train_seconds", 0.0)) for r in rounds for s in r.get("sites", []))
-    setup = sum(float(s.get("setup_seconds", 0.0)) for r in rounds for s in r.get("sites", []))
+    train = setup = 0.0
+    for r in rounds:
+        per_worker: dict[int, tuple[float, float]] = {}
+        for s in r.get("sites", []):
+            worker = (int(s.get("node_id", 1)) - 1) % workers
+            t, u = per_worker.get(worker, (0.0, 0.0))
+            per_worker[worker] = (t + float(s.get("train_seconds", 0.0)), u + float(s.get("setup_seconds", 0.0)))
+        if per_worker:
+            busiest = max(per_worker.values())
+            train += busiest[0]
+            setup += busiest[1]
     aggregation = sum(float(r.get("aggregation_seconds", 0.0)) for r in rounds)
     if wall <= 0:
         return {"rounds": len(rounds), "train_wall_seconds": 0.0, "overhead_share": math.nan}
     other = max(0.0, wall - train)
     return {
         "rounds": len(rounds),
+        "site_workers": workers,
         "train_wall_seconds": wall,
         "local_training_seconds": train,
         "site_setup_seconds": setup,
@@ -537,7 +551,9 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
             "## Where the time goes (adapt rounds)",
             "",
             f"- round train wall time: {share['train_wall_seconds']:.1f} s over {share['rounds']} round(s)",
-            f"- local training: {share.get('local_training_seconds', 0):.1f} s; site setup (model, data): "
+            f"- local training: {share.get('local_training_seconds', 0):.1f} s"
+            + (f" (the busiest of {share['site_workers']} site workers side by side)" if share.get("site_workers", 1) > 1 else "")
+            + f"; site setup (model, data): "
             f"{share.get('site_setup_seconds', 0):.1f} s; aggregation: {share.get('aggregation_seconds', 0):.2f} s",
             f"- share outside local training: {share['overhead_share']:.1%} "
             f"(Flower, serialisation, aggregation only: {share.get('flower_and_aggregation_share', 0):.1%})",

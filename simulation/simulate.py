@@ -53,8 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR from its last finished round (its settings, plus options given here)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip: " + RunSettings.help("evaluate"))
     parser.add_argument("--engine", choices=ENGINES, default="inprocess",
-                        help="inprocess (default): every site in this process, one at a time; ray: Flower's "
-                             "simulation engine (a Ray worker process per site at a time)")
+                        help="inprocess (default): every site in this process, --site-workers of them side by side; "
+                             "ray: Flower's simulation engine (a Ray worker process per site, one site at a time)")
+    parser.add_argument("--site-workers", type=_positive_int, metavar="N",
+                        help="inprocess engine: sites that train and evaluate side by side, in threads (default: one "
+                             "per site, at most two per CPU core; one when PyTorch sees a GPU: its kernels fill it)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None,
                         help=RunSettings.help("activation-checkpointing"))
     parser.add_argument("--secure-aggregation", action="store_true", default=None,
@@ -64,6 +67,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kinds = "; ".join(f"{kind}: {what}" for kind, what in ADVERSARY_KINDS.items())
     parser.add_argument("--adversary", action="append", metavar="SITE=KIND",
                         help=f"make simulated site SITE misbehave (repeatable, one kind per site). KIND is one of: {kinds}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def default_site_workers(n_sites: int, cores: int | None = None, gpu: bool | None = None) -> int:
+    """Sites the in-process engine runs side by side: one per site, at most two per core (one
+    site per core leaves a core idle while the last of an odd number trains alone; more than two
+    only adds memory), and one when a GPU is visible (sites take turns on it)."""
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    if gpu:
+        return 1
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_sites, 2 * cores))
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -231,15 +259,15 @@ ENGINES = ("inprocess", "ray")
 
 
 def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str] | None = None,
-             engine: str = "inprocess") -> Path:
+             engine: str = "inprocess", site_workers: int | None = None) -> Path:
     """Run ``settings`` on one machine; returns the run folder.
 
     ``engine``: ``inprocess`` (default) runs the ServerApp's federation and every site's ClientApp
-    in this process, one site at a time (:class:`simulation.inprocess.InProcessGrid`);
-    ``ray`` runs them on Flower's simulation engine (Ray workers, one process per worker).
-    Both run the same apps and messages; sites train one at a time either way (Flower's
-    backend is given every core per site, :func:`backend_config`), so the in-process engine only
-    drops Ray's start-up, worker imports and message passing (docs/ARCHITECTURE.md, simulation).
+    in this process (:class:`simulation.inprocess.InProcessGrid`), ``site_workers`` sites side by
+    side (None: :func:`default_site_workers`); ``ray`` runs them on Flower's simulation engine
+    (Ray workers, one process per worker, one site at a time: Flower's backend is given every
+    core per site, :func:`backend_config`). Both run the same apps and messages and give the
+    same results (docs/ARCHITECTURE.md, simulation). The run info records ``site_workers``.
     ``adversaries`` (site name -> kind of :data:`simulation.adversary.ADVERSARY_KINDS`)
     make those sites misbehave; they are recorded in the run info (``adversaries``).
     """
@@ -265,8 +293,9 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
         mods.append(adversary_mod(adversaries))
     overrides = settings.to_run_config()
     cpus = max(1, os.cpu_count() or 1)
+    workers = 1 if engine == "ray" else site_workers or default_site_workers(len(sites))
     started = time.perf_counter()
-    console.say(f"pemma simulate: {len(sites)} sites, {settings.backbone}/{settings.preset} + {settings.adapter}, "
+    console.say(f"pemma simulate: {len(sites)} sites ({min(workers, len(sites))} side by side), {settings.backbone}/{settings.preset} + {settings.adapter}, "
                 f"{settings.pretrain_rounds} pretrain-ct + {settings.rounds} adapt + {settings.prognosis_rounds} "
                 f"prognosis rounds -> {settings.run_dir}", file=sys.stdout)
     for site, kind in adversaries.items():
@@ -290,7 +319,7 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
 
         grid = InProcessGrid(make_client_app(overrides, mods=mods),
                              [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))],
-                             overrides, keep_transcript=False)
+                             overrides, keep_transcript=False, workers=workers)
         with _interrupts_stop(settings.run_dir):
             run_federation(grid, settings, progress)
     else:
@@ -298,6 +327,7 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
     run = RunDir(settings.run_dir)
     if not run.metrics()["rounds"]:
         raise RuntimeError(f"the simulation ended without finishing a round; see the log above (run folder {run.path})")
+    run.update_run_info(site_workers=workers)
     if adversaries:
         run.update_run_info(adversaries=adversaries)
     overlay = None
@@ -324,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries,
-                        engine=args.engine)
+                        engine=args.engine, site_workers=args.site_workers)
     except AdversarySiteError as exc:
         raise console.UsageError(str(exc)) from exc
     from server.report import overhead_share

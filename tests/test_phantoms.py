@@ -17,7 +17,7 @@ from pemma_core.cli import main as pemma
 from pemma_core.config.site import SiteLimits, load_site_config
 from pemma_core.phantoms import physics
 from pemma_core.phantoms.coordination import ensure_phantom_federation
-from pemma_core.phantoms.physics import CT_SHAPE, case_survival, draw_case, site_scanner, survival_linear_predictor
+from pemma_core.phantoms.physics import case_survival, ct_shape, draw_case, site_scanner, survival_linear_predictor
 from pemma_core.phantoms.writer import Federation, federation_site_files, make_federation, phantom_limits
 
 LOWERED_NOTE = "# synthetic phantom data: the privacy floors are lowered so a small test federation still reports"
@@ -79,7 +79,7 @@ def test_ct_pet_label_intensities_and_grids(phantom_federation: Federation) -> N
         ct, ct_affine = read(case_dir / "ct.nii.gz")
         label, label_affine = read(case_dir / "label.nii.gz")
         pet, pet_affine = read(case_dir / "pet.nii.gz")
-        assert ct.shape == label.shape == CT_SHAPE
+        assert ct.shape == label.shape == ct_shape(scanner)
         np.testing.assert_array_equal(label_affine, ct_affine)
         assert set(np.unique(label)) == {0, 1}
         # PET: its own, coarser grid with a different affine (origin and axis directions).

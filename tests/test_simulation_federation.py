@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, Context, Message
+from safetensors.torch import load_file
 
 from client.client_app import make_client_app
 from pemma_core import protocol
@@ -58,11 +59,12 @@ def settings_for(run_dir: Path, federation: list[Path], **changes) -> RunSetting
 
 
 def run(
-    settings: RunSettings, mods: list | None = None, node_configs: list[dict] | None = None, disconnected: set[int] = frozenset()
+    settings: RunSettings, mods: list | None = None, node_configs: list[dict] | None = None, disconnected: set[int] = frozenset(),
+    workers: int = 1,
 ) -> tuple[RunDir, InProcessGrid]:
     n = len(settings.site_config_list())
     configs = node_configs or [{"partition-id": i, "num-partitions": n} for i in range(n)]
-    grid = InProcessGrid(make_client_app(mods=mods), configs, settings.to_run_config())
+    grid = InProcessGrid(make_client_app(mods=mods), configs, settings.to_run_config(), workers=workers)
     grid.disconnected = set(disconnected)
     return run_federation(grid, settings, progress=None), grid
 
@@ -307,6 +309,49 @@ def test_resume_ends_with_the_same_adapters(tmp_path: Path, federation: list[Pat
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     one, _ = read_adapter_file(straight.checkpoint("adapt", 1))
     assert any(not torch.equal(one[k], a[k]) for k in a)  # round 2 did change something
+
+
+def test_sites_side_by_side_give_the_same_run_bit_for_bit(tmp_path: Path, federation: list[Path]) -> None:
+    """Three site workers (threads) against one: every phase's tensors and every reported metric
+    are identical, so parallel sites change the time, never the result. (Both at one intra-op
+    thread per site, as three workers on this machine get: PyTorch's CPU kernels sum in
+    another order with another thread count.)"""
+    common = dict(pretrain_rounds=1, pretrain_steps=2, rounds=2, local_steps=2, evaluate=True, prognosis_rounds=1,
+                  prognosis_steps=2, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, _ = run(settings_for(tmp_path / "one", federation, **common))
+        three, grid = run(settings_for(tmp_path / "three", federation, **common), workers=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert {grid.worker_of(n) for n in grid.get_node_ids()} == {0, 1, 2}
+    files = [lambda r: r.checkpoint("adapt", 2), lambda r: r.checkpoint("prognosis", 3)]
+    for where in files:
+        a, b = read_adapter_file(where(one))[0], read_adapter_file(where(three))[0]
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_file(one.backbone_file), load_file(three.backbone_file)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    def reported(r: RunDir) -> list:
+        return [(x["phase"], x["round"], x.get("eval_metrics"), x.get("train_metrics"),
+                 sorted((s["name"], s.get("loss"), s.get("dice"), s.get("c_index")) for s in x["sites"]))
+                for x in r.metrics()["pretrain_rounds"] + r.metrics()["rounds"]]
+
+    assert reported(one) == reported(three)
+    assert any(x[2] for x in reported(one))  # evaluation ran, so the Dice compared are real
+
+
+def test_a_raising_site_among_parallel_workers_becomes_its_error_reply(
+    tmp_path: Path, federation: list[Path], backbone_file: Path
+) -> None:
+    run_dir, grid = run(settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file)),
+                        mods=[faulty("raise", partition=2)], workers=2)
+    assert grid.worker_of(1) == grid.worker_of(3) != grid.worker_of(2)  # the raising node shares its worker
+    record = run_dir.metrics()["rounds"][0]
+    sites = {s["node_id"]: s for s in record["sites"]}
+    assert sites[3]["status"] != "ok" and "GPU caught fire" in sites[3]["reason"]
+    assert [sites[n]["status"] for n in (1, 2)] == ["ok", "ok"] and record["aggregated"] is True
 
 
 def test_resume_with_another_model_spec_is_refused(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:

@@ -2,7 +2,8 @@
 
 One case (world coordinates in mm, the limb along z):
 
-- CT on a 56 x 56 x 48 grid (~2.3-2.7 mm in plane, 3 mm slices): air -1000 HU, a
+- CT over a 110 x 110 x 111 mm field of view (~2.3-2.7 mm in plane by site, 3 mm slices;
+  :func:`ct_shape`), the limb 72-100 mm across: air -1000 HU, a
   subcutaneous fat layer (~-100 HU), muscle (35-55 HU), a long bone (cortex ~1200 HU,
   marrow ~-50 HU) and a tumour only 10-40 HU above muscle (low CT contrast); scanner
   blur and Gaussian noise (10-25 HU by site).
@@ -45,7 +46,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 __all__ = [
-    "CT_SHAPE",
+    "CT_FOV_MM",
+    "ct_shape",
     "Scanner",
     "PhantomCase",
     "CaseImages",
@@ -56,7 +58,9 @@ __all__ = [
     "case_survival",
 ]
 
-CT_SHAPE: tuple[int, int, int] = (56, 56, 48)
+# The CT field of view: resampled to the phantoms' 3.5 mm grid it is one 32-voxel model
+# window, so evaluating a case is one forward pass instead of eight overlapping ones.
+CT_FOV_MM: tuple[float, float, float] = (110.0, 110.0, 111.0)
 CT_SLICE_MM = 3.0
 
 # Hazard model (module docstring). Standardisation uses the sampling distributions.
@@ -161,7 +165,7 @@ class PhantomCase:
 def draw_case(rng: np.random.Generator) -> PhantomCase:
     """Draw one case's anatomy, tumour, uptake and clinical values (independent of scanner)."""
     centre = (float(rng.uniform(-30, 30)), float(rng.uniform(-30, 30)), float(rng.uniform(-300, 300)))
-    axes = (float(rng.uniform(44, 54)), float(rng.uniform(40, 50)))
+    axes = (float(rng.uniform(40, 50)), float(rng.uniform(36, 46)))  # inside CT_FOV_MM's 55 mm half-width
     fat = float(rng.uniform(4, 9))
     bone_radius = float(rng.uniform(9, 12))
     bone = (float(rng.uniform(-10, 10)), float(rng.uniform(-8, 8)))
@@ -221,7 +225,7 @@ def _place_tumour(
         clear = math.hypot(x - bone[0], y - bone[1]) >= bone_radius + r + 2
         if inside and clear:
             break
-    z = rng.uniform(-CT_SHAPE[2] * CT_SLICE_MM / 2 + r + 12, CT_SHAPE[2] * CT_SLICE_MM / 2 - r - 12)
+    z = rng.uniform(-CT_FOV_MM[2] / 2 + r + 12, CT_FOV_MM[2] / 2 - r - 12)
     main = np.array([centre[0] + x, centre[1] + y, centre[2] + z])
     spheres = [(*(float(v) for v in main), float(r))]
     for _ in range(2):
@@ -263,17 +267,23 @@ def _grid_points(shape: Sequence[int], affine: np.ndarray, supersample: int = 1)
     return index @ affine[:3, :3].T + affine[:3, 3]
 
 
+def ct_shape(scanner: Scanner) -> tuple[int, int, int]:
+    """Voxels of ``scanner``'s CT grid: :data:`CT_FOV_MM` at its voxel size."""
+    spacing = (scanner.ct_inplane_mm, scanner.ct_inplane_mm, CT_SLICE_MM)
+    return tuple(int(round(fov / mm)) for fov, mm in zip(CT_FOV_MM, spacing))  # type: ignore[return-value]
+
+
 def _ct_affine(case: PhantomCase, scanner: Scanner) -> np.ndarray:
     sign = -1.0 if scanner.ct_flip_xy else 1.0
     spacing = np.array([sign * scanner.ct_inplane_mm, sign * scanner.ct_inplane_mm, CT_SLICE_MM])
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = np.array(case.centre) - spacing * (np.array(CT_SHAPE) - 1) / 2
+    affine[:3, 3] = np.array(case.centre) - spacing * (np.array(ct_shape(scanner)) - 1) / 2
     return affine
 
 
 def _pet_grid(case: PhantomCase, scanner: Scanner) -> tuple[tuple[int, int, int], np.ndarray]:
     """PET shape and affine: covers the CT in plane, slightly shorter axially, axes opposite to the CT's."""
-    extent = np.array([scanner.ct_inplane_mm, scanner.ct_inplane_mm, CT_SLICE_MM]) * np.array(CT_SHAPE)
+    extent = np.array([scanner.ct_inplane_mm, scanner.ct_inplane_mm, CT_SLICE_MM]) * np.array(ct_shape(scanner))
     extent[2] -= case.pet_axial_loss_mm
     pet_mm = np.array(scanner.pet_spacing_mm)
     shape = np.maximum(np.ceil(extent / pet_mm).astype(int), 1)
@@ -309,9 +319,9 @@ def _uptake(case: PhantomCase, points: np.ndarray, tissues: dict[str, np.ndarray
 class CaseImages:
     """Arrays and affines of one case, plus measured truth."""
 
-    ct: np.ndarray  # int16 HU, CT_SHAPE
+    ct: np.ndarray  # int16 HU, ct_shape(scanner)
     ct_affine: np.ndarray
-    label: np.ndarray  # uint8, CT_SHAPE
+    label: np.ndarray  # uint8, ct_shape(scanner)
     pet: np.ndarray  # float32 SUV on its own grid
     pet_affine: np.ndarray
     volume_ml: float
@@ -321,15 +331,16 @@ class CaseImages:
 def make_case_images(case: PhantomCase, scanner: Scanner, rng: np.random.Generator) -> CaseImages:
     """Render CT, label (CT grid) and PET (own grid) of ``case`` as seen by ``scanner``."""
     ct_affine = _ct_affine(case, scanner)
-    points = _grid_points(CT_SHAPE, ct_affine)
+    shape = ct_shape(scanner)
+    points = _grid_points(shape, ct_affine)
     tissue = _tissues(case, points)
-    hu = np.full(CT_SHAPE, -1000.0)
+    hu = np.full(shape, -1000.0)
     hu[tissue["fat"]] = case.hu_fat
     hu[tissue["muscle"]] = case.hu_muscle
     hu[tissue["cortex"]] = 1200.0
     hu[tissue["marrow"]] = -50.0
     hu[tissue["tumour"]] = case.hu_muscle + case.tumour_contrast_hu
-    hu = gaussian_filter(hu, sigma=0.6) + rng.normal(0, scanner.ct_noise_hu, CT_SHAPE)
+    hu = gaussian_filter(hu, sigma=0.6) + rng.normal(0, scanner.ct_noise_hu, shape)
     ct = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     label = tissue["tumour"].astype(np.uint8)
     voxel_ml = abs(np.linalg.det(ct_affine[:3, :3])) / 1000

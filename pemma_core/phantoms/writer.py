@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 # The target spacing written into phantom site YAMLs (a property of the phantoms: their
-# ~2.5 x 2.5 x 3 mm CT grids become ~37-43 voxels a side), not the site config default.
+# 110 x 110 x 111 mm CT fields of view become 32 voxels a side, one tiny-preset window), not the
+# site config default.
 PHANTOM_SPACING: tuple[float, float, float] = (3.5, 3.5, 3.5)
 DEFAULT_MODALITY_CYCLE: tuple[tuple[str, ...], ...] = (("ct",), ("ct", "pet"), ("ct", "pet", "ehr"))
 TEST_FRACTION = 0.25
