@@ -265,9 +265,11 @@ def install_backbone(
 def install_backbone_site(
     site: SiteConfig, node_config: Mapping[str, Any], config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> Reply:
-    """``query.install_backbone``: keep the run's frozen CT backbone (checked by fingerprint)."""
+    """``query.install_backbone``: keep the run's frozen CT backbone (checked by fingerprint), and
+    build the adapt model on it, which the first round would otherwise wait for."""
     spec, fingerprint = protocol.read_install_config(config)
     fingerprint = install_backbone(site, node_config, arrays, spec, fingerprint)
+    site_model(site, node_config, spec, fingerprint)  # built now: the first adapt round starts with it
     return check_reply(protocol.INSTALL_BACKBONE, Reply(meta=protocol.reply_meta(site.name, fingerprint)), {}, (1, 1, 1), site)
 
 
@@ -300,6 +302,22 @@ _MODELS: collections.OrderedDict[tuple[str, ...], SegmentationModel] = collectio
 _MODELS_KEPT = 4  # models kept per process, least recently used dropped (a simulation of many sites keeps few)
 
 
+def site_model(site: SiteConfig, node_config: Mapping[str, Any], spec: ModelSpec, fingerprint: str) -> SegmentationModel:
+    """The site's model of ``spec`` on the backbone ``fingerprint``: one of the last few built
+    (:func:`build_site_model`), or built now and kept, its trainable tensors as they were left."""
+    key = (site.name, str(site.path), fingerprint, spec.to_json(), str(node_config.get("backbone-file", "")))
+    model = _MODELS.pop(key, None)
+    if model is None:
+        model = build_model(spec, site_backbone(site, node_config, fingerprint))
+        if model.fingerprint != fingerprint:
+            raise BackboneMismatchError(
+                f"site {site.name}: model fingerprint {model.fingerprint[:12]}... != {fingerprint[:12]}...")
+    _MODELS[key] = model
+    while len(_MODELS) > _MODELS_KEPT:
+        _MODELS.popitem(last=False)
+    return model
+
+
 def build_site_model(
     site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
 ) -> SegmentationModel:
@@ -309,18 +327,7 @@ def build_site_model(
     the last few models built and only loads the new adapters into them: building a model and
     hashing its backbone cost more than a local round of the tiny preset. Every trainable tensor
     is replaced by ``arrays`` and nothing else trains, so a kept model equals a fresh one."""
-    fingerprint = str(instruction.fingerprint)
-    key = (site.name, str(site.path), fingerprint, instruction.spec.to_json(), str(node_config.get("backbone-file", "")))
-    model = _MODELS.pop(key, None)
-    if model is None:
-        backbone = site_backbone(site, node_config, fingerprint)
-        model = build_model(instruction.spec, backbone)
-        if model.fingerprint != fingerprint:
-            raise BackboneMismatchError(
-                f"site {site.name}: model fingerprint {model.fingerprint[:12]}... != {fingerprint[:12]}...")
-    _MODELS[key] = model
-    while len(_MODELS) > _MODELS_KEPT:
-        _MODELS.popitem(last=False)
+    model = site_model(site, node_config, instruction.spec, str(instruction.fingerprint))
     try:
         load_trainable_state(model, protocol.to_tensors(arrays))
     except AdapterMismatchError as exc:
@@ -541,7 +548,7 @@ def prognosis_site(
     """
     from pemma_core.data.clinical import EhrPreprocessor
     from pemma_core.training.prognosis import check_site_covariates, load_cohort, predict_risk, train_survival
-    from pemma_core.training.survival import concordance_pairs
+    from pemma_core.training.survival import bootstrap_pair_counts, concordance_pairs
 
     kind = protocol.TRAIN["prognosis"]
     refuse_outside_limits(site, instruction)
@@ -590,10 +597,13 @@ def prognosis_site(
                                        f"limits.min_eval_cases {site.limits.min_eval_cases}")
         else:
             eval_mode = "ctpet" if "ctpet" in modes else modes[0]
-            score, pairs = concordance_pairs(predict_risk(model, test, eval_mode, omit_ehr=True), test.time, test.event)
+            risk = predict_risk(model, test, eval_mode, omit_ehr=True)
+            score, pairs = concordance_pairs(risk, test.time, test.event)
             if pairs == 0:
                 raise ValueError("no admissible pair in the held-out split")
             metrics["c-index"], metrics["c-score"], metrics["c-pairs"] = score / (2 * pairs), score, pairs
+            metrics["c-boot-scores"], metrics["c-boot-pairs"] = bootstrap_pair_counts(
+                risk, test.time, test.event, protocol.BOOTSTRAP_REPLICATES, seed=_seed(instruction, site))
             metrics["cases-survival"] = len(test)
     except ValueError:  # no test split, no clinical row, or no admissible pair: no C-index
         pass

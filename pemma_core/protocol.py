@@ -324,8 +324,12 @@ _DECLARED = frozenset(f"train-cases-{kind}" for kind in DECLARED)
 # the site clipped to the round's range before masking.
 _TRAINING = frozenset({"num-examples", "steps", "loss", "train-seconds", "setup-seconds", "bytes-up", "dp-epsilon",
                        "dp-steps", "secure-clipped"}) | _EXAMPLES
-# of the site's held-out split; c-score / c-pairs: the counts behind its C-index (pemma_core.training.survival.concordance_pairs)
-_SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival", "c-score", "c-pairs"})
+# of the site's held-out split; c-score / c-pairs: the counts behind its C-index (pemma_core.training.survival.concordance_pairs);
+# c-boot-scores / c-boot-pairs: the same counts for BOOTSTRAP_REPLICATES bootstrap samples of that split
+# (survival.bootstrap_pair_counts), from which the server draws the pooled C-index's interval.
+BOOTSTRAP_REPLICATES = 200
+LIST_METRICS = frozenset({"c-boot-scores", "c-boot-pairs"})  # the only metrics that are lists, of that length
+_SURVIVAL = frozenset({"c-index", "cases-survival", "events-survival", "c-score", "c-pairs"}) | LIST_METRICS
 # Per reported mode, beside Dice and its case count: the mean HD95 over the cases where it is defined and
 # that count, the mean surface Dice, and the two overlap sums (2 |P and G|, |P| + |G|, voxels) from which
 # the server computes the HECKTOR aggregated Dice exactly (pemma_core.training.seg_metrics).
@@ -373,8 +377,14 @@ def metric_value_problem(name: str, value: Any) -> str | None:
     """Why ``value`` cannot be metric ``name`` (see :func:`metric_range`), or None.
 
     One number per metric: lists, nested values, booleans and strings are refused, and so
-    are NaN, infinities and values outside the metric's range.
+    are NaN, infinities and values outside the metric's range. A metric of
+    :data:`LIST_METRICS` is a list of :data:`BOOTSTRAP_REPLICATES` counts instead.
     """
+    if name in LIST_METRICS:
+        if not isinstance(value, (list, tuple)) or len(value) != BOOTSTRAP_REPLICATES:
+            return f"metric {name!r} is not a list of {BOOTSTRAP_REPLICATES} counts"
+        return next((f"metric {name!r}: {problem}" for v in value
+                     if (problem := metric_value_problem("count", v)) is not None), None)
     if isinstance(value, (list, tuple, dict, set)):
         return f"metric {name!r} is a {type(value).__name__}; a reply holds one number per metric"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -466,8 +476,8 @@ def reply_problems(
 def _pair_count_problems(metrics: Mapping[str, Any]) -> list[str]:
     """The C-index counts come together and agree: the score is at most twice the pairs
     (every pair concordant), a site cannot have more pairs than its cases make, and the
-    C-index it sends is the one its counts give."""
-    if not {"c-score", "c-pairs"} & set(metrics):
+    C-index it sends is the one its counts give; the same bounds for every bootstrap replicate."""
+    if not {"c-score", "c-pairs", *LIST_METRICS} & set(metrics):
         return []
     try:
         score, pairs, cases = (int(metrics[k]) for k in ("c-score", "c-pairs", "cases-survival"))
@@ -477,6 +487,15 @@ def _pair_count_problems(metrics: Mapping[str, Any]) -> list[str]:
         return [f"c-score {score} / c-pairs {pairs} are no pair counts of {cases} case(s)"]
     if "c-index" in metrics and pairs and abs(float(metrics["c-index"]) - score / (2 * pairs)) > 1e-9:
         return [f"c-index {float(metrics['c-index']):.4g} is not c-score / (2 c-pairs) = {score / (2 * pairs):.4g}"]
+    boot = [metrics.get(k) for k in ("c-boot-scores", "c-boot-pairs")]
+    if boot == [None, None]:
+        return []
+    if any(not isinstance(b, (list, tuple)) for b in boot):
+        return ["c-boot-scores and c-boot-pairs come together"]
+    if any(metric_value_problem(k, b) for k, b in zip(("c-boot-scores", "c-boot-pairs"), boot)):
+        return []  # already reported, one problem per metric
+    if any(int(s) > 2 * int(p) or int(p) > cases * (cases - 1) // 2 for s, p in zip(*boot)):
+        return [f"c-boot-scores / c-boot-pairs hold no pair counts of {cases} case(s)"]
     return []
 
 

@@ -73,6 +73,15 @@ def overhead_share(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str
     }
 
 
+def pooled_c_index_text(train_metrics: Mapping[str, Any]) -> str:
+    """``0.667 (95% bootstrap interval 0.50-0.83)``: the pooled C-index of a prognosis round."""
+    text = f"{train_metrics['c-index-pooled']:.3f}"
+    if "c-index-pooled-low" in train_metrics:
+        text += (f" (95% bootstrap interval {train_metrics['c-index-pooled-low']:.2f}-"
+                 f"{train_metrics['c-index-pooled-high']:.2f})")
+    return text
+
+
 def bytes_per_site(metrics: Mapping[str, Any], phase: str = "adapt") -> dict[str, float]:
     """Mean bytes sent up per round, per site (tensor data only)."""
     totals: dict[str, list[int]] = {}
@@ -535,7 +544,7 @@ def write_report(run: RunDir, overlay: Path | None = None) -> Path:
                 lines.append(f"| {r['round']} | | mean | | | | {r['train_metrics']['c-index']:.3f} |")
             if "c-index-pooled" in r.get("train_metrics", {}):
                 lines.append(f"| {r['round']} | | pooled over {r['train_metrics']['c-index-pairs']:.0f} within-site pairs | "
-                             f"| | | {r['train_metrics']['c-index-pooled']:.3f} |")
+                             f"| | | {pooled_c_index_text(r['train_metrics'])} |")
             if r.get("note"):
                 lines.append(f"| {r['round']} | | | {one_line(r['note'])} | | | |")
         lines.append("")

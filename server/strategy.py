@@ -54,7 +54,7 @@ from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS, OptimizerS
 from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
 from pemma_core.training import seg_metrics
-from pemma_core.training.survival import pooled_concordance
+from pemma_core.training.survival import pooled_bootstrap_interval, pooled_concordance
 from server import records
 from server.roster import Roster, one_line_cause
 from server.secure_rounds import ADAM_RANGE_FACTOR, SecureRound, close_round, open_round
@@ -83,6 +83,7 @@ class SiteReport:
     seg: dict[str, dict[str, float]] = field(default_factory=dict)
     c_index: float | None = None  # prognosis: C-index on the site's held-out split
     c_pairs: tuple[int, int] | None = None  # prognosis: its (score, admissible pairs) behind the C-index
+    c_bootstrap: tuple[list[int], list[int]] | None = None  # prognosis: the same counts per bootstrap replicate
     dp_epsilon: float | None = None  # DP-SGD: the epsilon the site has spent in this run so far
     dp_steps: int | None = None  # DP-SGD: its private steps in this round
     dp_stopped: str = ""  # DP-SGD: why it trained fewer steps (its budget is spent)
@@ -201,15 +202,29 @@ def _pair_counts(metrics: Mapping[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def _bootstrap_counts(metrics: Mapping[str, Any]) -> tuple[list[int], list[int]] | None:
+    """A prognosis reply's bootstrap replicate counts (checked by the protocol), or None."""
+    if "c-boot-scores" in metrics and "c-boot-pairs" in metrics:
+        return [int(v) for v in metrics["c-boot-scores"]], [int(v) for v in metrics["c-boot-pairs"]]
+    return None
+
+
 def _pooled_c_index(reports: Iterable[SiteReport]) -> dict[str, float]:
     """``c-index-pooled`` and ``c-index-pairs``: one C-index over every reporting site's
-    within-site pairs of its held-out split; nothing when no site has a pair."""
-    counts = [r.c_pairs for r in reports if r.c_pairs is not None]
+    within-site pairs of its held-out split; nothing when no site has a pair. With it
+    ``c-index-pooled-low`` / ``-high``: the 95% percentile interval of the site-stratified
+    case bootstrap, when every counted site sent its replicates."""
+    counted = [r for r in reports if r.c_pairs is not None]
     try:
-        c_index, pairs = pooled_concordance(counts)
+        c_index, pairs = pooled_concordance([r.c_pairs for r in counted])
     except ValueError:
         return {}
-    return {"c-index-pooled": c_index, "c-index-pairs": pairs}
+    out = {"c-index-pooled": c_index, "c-index-pairs": pairs}
+    if all(r.c_bootstrap is not None for r in counted):
+        interval = pooled_bootstrap_interval([r.c_bootstrap for r in counted])
+        if interval is not None:
+            out["c-index-pooled-low"], out["c-index-pooled-high"] = interval
+    return out
 
 
 class PemmaStrategy(FedAvg):
@@ -511,6 +526,7 @@ class PemmaStrategy(FedAvg):
             report.loss = float(reply.metrics["loss"]) if "loss" in reply.metrics else None
             report.c_index = float(reply.metrics["c-index"]) if "c-index" in reply.metrics else None
             report.c_pairs = _pair_counts(reply.metrics)
+            report.c_bootstrap = _bootstrap_counts(reply.metrics)
             if report.loss is not None:
                 losses.append((report.loss, max(1, int(reply.metrics.get("num-examples", 1)))))
         for node in (sr.names if sr is not None else {}):
@@ -647,6 +663,7 @@ class PemmaStrategy(FedAvg):
             if "c-index" in metrics:
                 report.c_index = float(metrics["c-index"])
                 report.c_pairs = _pair_counts(metrics)
+                report.c_bootstrap = _bootstrap_counts(metrics)
                 c_indices.append((report.c_index, max(1, int(metrics.get("cases-survival", 1)))))
         record.reference_rms = outcome.reference_rms
         sent = list(record.sites.values())

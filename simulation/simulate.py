@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
                         engine=args.engine, site_workers=args.site_workers)
     except AdversarySiteError as exc:
         raise console.UsageError(str(exc)) from exc
-    from server.report import overhead_share
+    from server.report import overhead_share, pooled_c_index_text
     from server.run_dir import RunDir, phase_rounds, round_dice
 
     metrics = RunDir(path).metrics()
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
               + (f"; mean {mean:.3f}" if mean is not None else ""))
         train = final.get("train_metrics", {})
         if "c-index-pooled" in train:
-            print(f"pooled C-index {train['c-index-pooled']:.3f} over {train['c-index-pairs']:.0f} within-site pairs"
+            print(f"pooled C-index {pooled_c_index_text(train)} over {train['c-index-pairs']:.0f} within-site pairs"
                   + (" (fewer than 30: read it as noise)" if train["c-index-pairs"] < 30 else ""))
     if share.get("rounds"):
         print(f"time outside local training: {share['overhead_share']:.0%} of the adapt rounds' train wall time")

@@ -129,6 +129,36 @@ def test_c_index_pair_counts_that_cannot_be_are_refused(counts: dict) -> None:
     assert len(problems) == 1 and "c-score" in problems[0], problems
 
 
+B = protocol.BOOTSTRAP_REPLICATES
+COUNTS = {"loss": 0.4, "c-index": 0.75, "c-score": 9, "c-pairs": 6, "cases-survival": 4}
+
+
+def test_bootstrap_counts_travel_as_two_lists_of_counts() -> None:
+    boot = {"c-boot-scores": [9] * (B - 1) + [0], "c-boot-pairs": [6] * (B - 1) + [0]}
+    assert protocol.reply_problems(TRAIN["prognosis"], Reply({}, {**COUNTS, **boot}, META), [], ROI) == []
+
+
+@pytest.mark.parametrize(("boot", "says"), [
+    ({"c-boot-scores": [9] * B}, "come together"),
+    ({"c-boot-scores": [9] * (B - 1), "c-boot-pairs": [6] * (B - 1)}, f"list of {B} counts"),
+    ({"c-boot-scores": [13] * B, "c-boot-pairs": [6] * B}, "no pair counts of 4"),  # score above 2 x pairs
+    ({"c-boot-scores": [2] * B, "c-boot-pairs": [7] * B}, "no pair counts of 4"),  # 4 cases make 6 pairs
+    ({"c-boot-scores": [9.5] * B, "c-boot-pairs": [6] * B}, "not a whole number"),
+    ({"c-boot-scores": [9] * B, "c-boot-pairs": "6"}, f"list of {B} counts"),
+])
+def test_bootstrap_counts_that_cannot_be_are_refused(boot: dict, says: str) -> None:
+    problems = protocol.reply_problems(TRAIN["prognosis"], Reply({}, {**COUNTS, **boot}, META), [], ROI)
+    assert any(says in p for p in problems), problems
+
+
+def test_bootstrap_counts_need_the_counts_they_resample() -> None:
+    boot = {"c-boot-scores": [0] * B, "c-boot-pairs": [0] * B}
+    problems = protocol.reply_problems(TRAIN["prognosis"], Reply({}, {"loss": 0.4, **boot}, META), [], ROI)
+    assert problems == ["c-score, c-pairs and cases-survival come together, as whole numbers"]
+    problems = protocol.reply_problems(TRAIN["adapt"], Reply({}, {"loss": 0.4, **boot}, META), [], ROI)
+    assert any("'c-boot-scores' is not an aggregate metric name" in p for p in problems), problems
+
+
 def test_what_a_reply_may_hold_depends_on_its_kind() -> None:
     # only the reply to query.ehr_stats may hold ehr-stats
     stats = Reply(meta={"site": "s", "ehr-stats": "{}"})

@@ -197,6 +197,49 @@ def test_prognosis_round_aggregates_the_head_and_predict_gives_a_risk(
     assert "EHR omitted" in capsys.readouterr().out
 
 
+def test_a_site_builds_its_adapt_model_when_the_backbone_arrives(
+    tmp_path: Path, federation: list[Path], backbone_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the first adapt round: that round's time is the sites' training, not model building."""
+    import inspect
+
+    from client import task
+
+    built: list[str] = []
+
+    def build_model(*args, **kwargs):
+        built.append(next((f.function for f in inspect.stack() if f.function in ("install_backbone_site", "train_site")), "?"))
+        return original(*args, **kwargs)
+
+    original = task.build_model
+    monkeypatch.setattr(task, "build_model", build_model)
+    monkeypatch.setattr(task, "_MODELS", type(task._MODELS)())
+    run(settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), rounds=2))
+    assert built == ["install_backbone_site"] * 3
+
+
+def test_the_pooled_c_index_comes_with_its_bootstrap_interval(tmp_path: Path, backbone_file: Path) -> None:
+    """Sites with held-out pairs send the counts and their bootstrap replicates; the server pools
+    both: the point estimate from the summed counts, the interval from the summed replicates."""
+    from pemma_core.training.survival import pooled_bootstrap_interval
+
+    fed = list(make_federation(tmp_path / "fed", n_sites=3, cases_per_site=12, seed=0, test_cases=0).site_yamls)
+    run_dir, grid = run(settings_for(tmp_path / "run", fed, backbone_file=str(backbone_file), prognosis_rounds=1,
+                                     prognosis_steps=2))
+    record = run_dir.metrics()["rounds"][-1]
+    replies = [x.reply.content["metrics"] for x in grid.transcript
+               if x.instruction.metadata.message_type == "train.prognosis" and "c-score" in x.reply.content["metrics"]]
+    assert len(replies) >= 2
+    score, pairs = (sum(int(r[k]) for r in replies) for k in ("c-score", "c-pairs"))
+    train = record["train_metrics"]
+    assert train["c-index-pairs"] == pairs and train["c-index-pooled"] == pytest.approx(score / (2 * pairs))
+    boot = [(list(r["c-boot-scores"]), list(r["c-boot-pairs"])) for r in replies]
+    assert (train["c-index-pooled-low"], train["c-index-pooled-high"]) == pytest.approx(pooled_bootstrap_interval(boot))
+    assert 0 <= train["c-index-pooled-low"] < train["c-index-pooled-high"] <= 1
+    assert "95% bootstrap interval" in run_dir.report.read_text()
+    assert all("c-boot-scores" not in json.dumps(s) for s in record["sites"])  # 400 counts per site stay out of metrics.json
+
+
 def test_without_an_ehr_site_the_head_has_no_ehr_branch(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
     settings = settings_for(tmp_path / "run", federation[:2], backbone_file=str(backbone_file), prognosis_rounds=1,
                             prognosis_steps=1)

@@ -263,3 +263,37 @@ def test_pooled_concordance_counts_within_site_pairs_only():
     assert pooled_concordance([a, b]) == (1.0, 2)
     with pytest.raises(ValueError, match="no admissible pairs"):
         pooled_concordance([(0, 0)])
+
+
+def test_bootstrap_pair_counts_are_the_pair_counts_of_resamples():
+    from pemma_core.training.survival import bootstrap_pair_counts, concordance_pairs
+
+    rng = np.random.default_rng(4)
+    n = 9
+    time, event, risk = rng.integers(1, 6, n).astype(float), rng.integers(0, 2, n), rng.normal(size=n)
+    scores, pairs = bootstrap_pair_counts(risk, time, event, replicates=50, seed=11)
+    assert (scores, pairs) == bootstrap_pair_counts(risk, time, event, replicates=50, seed=11)  # seeded
+    assert scores != bootstrap_pair_counts(risk, time, event, replicates=50, seed=12)[0]
+    draw = np.random.default_rng(11)
+    for score, count in zip(scores, pairs):
+        pick = draw.integers(0, n, n)
+        assert (score, count) == concordance_pairs(risk[pick], time[pick], event[pick])
+        assert 0 <= score <= 2 * count <= n * (n - 1)  # a case never pairs with its own copy
+    assert len(set(zip(scores, pairs))) > 5
+
+
+def test_pooled_bootstrap_interval_sums_each_replicate_over_the_sites():
+    from pemma_core.training.survival import pooled_bootstrap_interval
+
+    # replicate b sums the b-th counts: pooled C of replicate b = (score_a + score_b) / (2 (pairs_a + pairs_b))
+    site_a = ([2, 0, 4, 2], [1, 1, 2, 1])
+    site_b = ([0, 2, 0, 2], [1, 1, 2, 1])
+    pooled = [(2 + 0) / 4, (0 + 2) / 4, (4 + 0) / 8, (2 + 2) / 4]  # 0.5, 0.5, 0.5, 1.0
+    low, high = pooled_bootstrap_interval([site_a, site_b], level=0.5)
+    assert (low, high) == pytest.approx(tuple(np.percentile(pooled, [25, 75])))
+    # replicates without a pair are left out; when most have none there is no interval
+    assert pooled_bootstrap_interval([([2, 0, 0], [1, 0, 0])]) is None
+    assert pooled_bootstrap_interval([([2, 1, 0], [1, 1, 0])]) == pytest.approx((0.5125, 0.9875))
+    assert pooled_bootstrap_interval([]) is None
+    with pytest.raises(ValueError, match="differ in length"):
+        pooled_bootstrap_interval([site_a, ([1], [1])])

@@ -232,6 +232,50 @@ def pooled_concordance(counts: Sequence[tuple[int, int]]) -> tuple[float, int]:
     return score / (2 * pairs), pairs
 
 
+def bootstrap_pair_counts(risk: ArrayLike, time: ArrayLike, event: ArrayLike, replicates: int,
+                          seed: int) -> tuple[list[int], list[int]]:
+    """:func:`concordance_pairs` of ``replicates`` bootstrap samples of one site's cases (drawn
+    with replacement, as many as it has, by a generator seeded ``seed``): ``(scores, pairs)``,
+    one count each per replicate. A case and its own copy never make a pair (equal times), so
+    a replicate's pairs are at most n(n - 1)/2 as the split's are."""
+    r, t, e = (_as_numpy_1d(v) for v in (risk, time, event))
+    if not len(r) == len(t) == len(e):
+        raise ValueError(f"risk, time and event differ in length ({len(r)}, {len(t)}, {len(e)})")
+    rng = np.random.default_rng(seed)
+    scores, pairs = [], []
+    for _ in range(replicates):
+        pick = rng.integers(0, len(r), len(r))
+        score, n = concordance_pairs(r[pick], t[pick], e[pick])
+        scores.append(score)
+        pairs.append(n)
+    return scores, pairs
+
+
+def pooled_bootstrap_interval(sites: Sequence[tuple[Sequence[int], Sequence[int]]],
+                              level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of the pooled C-index (:func:`pooled_concordance`) from the sites'
+    bootstrap counts (:func:`bootstrap_pair_counts`, the same number of replicates each).
+
+    Replicate ``b`` sums every site's ``b``-th counts: each site resampled only its own cases,
+    so this is the bootstrap stratified by site, and pairs still never cross sites. Replicates
+    without a pair are left out; None when more than half have none, or no site sent counts.
+    """
+    if not sites:
+        return None
+    lengths = {len(s) for s, _ in sites} | {len(p) for _, p in sites}
+    if len(lengths) != 1:
+        raise ValueError(f"the sites' bootstrap counts differ in length ({sorted(lengths)})")
+    scores = np.sum([np.asarray(s, dtype=np.float64) for s, _ in sites], axis=0)
+    pairs = np.sum([np.asarray(p, dtype=np.float64) for _, p in sites], axis=0)
+    defined = pairs > 0
+    if defined.sum() * 2 < len(pairs) or not defined.any():
+        return None
+    values = scores[defined] / (2 * pairs[defined])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def _as_numpy_1d(values: ArrayLike) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().numpy()
