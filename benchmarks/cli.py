@@ -80,10 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fed-wire-dtype", choices=tuple(WIRE_DTYPES), default=default("fed_wire_dtype"),
                         help="tensor dtype on the wire of the federated row (int8: blockwise absmax quantisation; "
                              f"default {default('fed_wire_dtype')}, the product default)")
-    parser.add_argument("--fed-lora-aggregation", choices=("naive", "exact"), default=default("fed_lora_aggregation"),
-                        help="the federated row's low-rank pairs: naive (each factor averaged; the product default) or "
-                             "exact (mean of the sites' products, re-factorised by SVD); the naive rule's error per "
-                             "round is recorded either way")
+    parser.add_argument("--fed-lora-aggregation", choices=("auto", "naive", "exact"),
+                        default=default("fed_lora_aggregation"),
+                        help="the federated row's low-rank pairs: exact (mean of the sites' products, re-factorised by "
+                             "SVD), naive (each factor averaged), or auto (the product default: exact unless secure or "
+                             "robust aggregation needs naive); the naive rule's error per round is recorded either way")
     parser.add_argument("--fed-secure-aggregation", action="store_true",
                         help="federated row with secure aggregation (the server sees only each group's sum)")
     parser.add_argument("--fed-dp-epsilon", type=float, default=0.0,

@@ -89,7 +89,7 @@ class BenchConfig:
     fed_engine: str = "simulation"  # "simulation" (Flower + Ray) | "inprocess" (tests)
     fed_aggregation: str = field(default_factory=lambda: RunSettings.default("aggregation"))  # federated row's rule
     fed_wire_dtype: str = field(default_factory=lambda: RunSettings.default("wire_dtype"))  # federated row's tensors on the wire
-    fed_lora_aggregation: str = field(default_factory=lambda: RunSettings.default("lora_aggregation"))  # naive | exact
+    fed_lora_aggregation: str = field(default_factory=lambda: RunSettings.default("lora_aggregation"))  # auto | naive | exact
     fed_secure: bool = False  # federated row with secure aggregation
     fed_dp_epsilon: float = 0.0  # federated row with DP-SGD at this epsilon per site (0: none)
     threads: int | None = None

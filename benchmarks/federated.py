@@ -159,7 +159,7 @@ def run_federated(bench: BackboneBench, seed: int | None = None) -> dict[str, An
     return {
         "row": "pemma-lora-fed", "label": ROW_LABELS["pemma-lora-fed"], "backbone": bench.name, "kind": "pemma",
         "adapter": "lora", "engine": config.fed_engine, "aggregation": settings.aggregation,
-        "lora_aggregation": settings.lora_aggregation,
+        "lora_aggregation": settings.lora_aggregation_rule,
         "secure_aggregation": settings.secure_aggregation,
         "dp": {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
                "epsilon_spent": {s["name"]: s.get("dp_epsilon") for s in metrics["rounds"][-1].get("sites", [])}}

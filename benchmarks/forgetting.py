@@ -32,9 +32,8 @@ from benchmarks.rows import BackboneBench, seed_all
 from benchmarks.sites import load_test_batches, prepare_sites
 from pemma_core.model.factory import build_model
 from pemma_core.model.files import load_backbone
-from monai.losses import DiceCELoss
 
-from pemma_core.training.local import _cycle, mode_sampler, train_step
+from pemma_core.training.local import _cycle, mode_sampler, segmentation_loss, train_step
 
 VARIANTS = {"lora": ("lora", 1.0), "dora": ("dora", 1.0), "lora-shared-lr-0.2": ("lora", 0.2)}
 MODE_WEIGHTS = None  # the product's default mix (pemma_core.training.local.mode_sampler)
@@ -70,7 +69,7 @@ def run_variant(bench: BackboneBench, variant: str, steps: int, say: Any) -> dic
     model.to(config.device).train()
     torch.manual_seed(config.seed)
     draws = mode_sampler(modes, None, config.seed)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss()
     started = time.perf_counter()
     batches = _cycle(loader)
     for step in range(steps):

@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 
 from pemma_core.model.factory import count_parameters
 from pemma_core.model.pemma import SegmentationModel
-from pemma_core.training.local import train_step
+from pemma_core.training.local import segmentation_loss, train_step
 
 __all__ = [
     "make_step",
@@ -39,7 +38,7 @@ def make_step(model: SegmentationModel, batch: Mapping[str, Any], mode: str, dev
     model.to(device).train()
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss()
     image, label = batch["image"].to(device), batch["label"].to(device)
     return lambda: train_step(model, image, label, mode, optimizer, loss_fn, device)
 
@@ -66,7 +65,7 @@ def step_flops(model: nn.Module, batch: Mapping[str, Any], mode: str, device: to
     model.to(device).train()
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)(model(batch["image"].to(device), mode), batch["label"].to(device))
+        loss = segmentation_loss()(model(batch["image"].to(device), mode), batch["label"].to(device))
         loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

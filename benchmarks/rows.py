@@ -45,10 +45,10 @@ from pemma_core.model.factory import build_model
 from pemma_core.model.files import backbone_fingerprint, save_backbone
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import ModelSpec, build_backbone
-from monai.losses import DiceCELoss
 
 from pemma_core.modes import DEFAULT_MODE_WEIGHTS, MODES, servable_modes
-from pemma_core.training.local import EvalResult, evaluate_cases, mode_sampler, train_local, train_step
+from pemma_core.training.local import (EvalResult, evaluate_cases, mode_sampler, segmentation_loss, train_local,
+                                       train_step)
 
 __all__ = ["PLANS", "ROW_LABELS", "BackboneBench", "RowPlan", "federation_mode_weights", "over_seeds", "run_cnn",
            "seed_all", "train_chunked"]
@@ -122,7 +122,7 @@ def _train_mixed(model: SegmentationModel, loaders: Mapping[str, Iterable], weig
     model.to(device).train()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss()
     draws = mode_sampler(list(loaders), weights, seed)
     streams: dict[int, Iterator] = {}
     batches = {m: streams.setdefault(id(loader), _endless(loader)) for m, loader in loaders.items()}

@@ -107,7 +107,7 @@ def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, prog
         secure={"max_dropouts": settings.secure_max_dropouts, "min_cohort": settings.secure_min_cohort}
         if settings.secure_aggregation else None,
         round_timeout=settings.round_timeout,
-        **({"lora_aggregation": settings.lora_aggregation, "server_optimizer": settings.server_optimizer,
+        **({"lora_aggregation": settings.lora_aggregation_rule, "server_optimizer": settings.server_optimizer,
             "server_lr": settings.server_lr} if phase.name == "adapt" else {}),  # pretrain-ct, prognosis: plain FedAvg
     )
     if phase.num_rounds > 0:

@@ -398,8 +398,9 @@ def _lora_section(metrics: Mapping[str, Any], settings: Mapping[str, Any]) -> li
     rounds = [r for r in metrics.get("rounds", []) if r.get("lora_naive_error") or r.get("server_optimizer")]
     if not rounds:
         return []
+    used = sorted({str(r["lora_aggregation"]) for r in rounds if r.get("lora_aggregation")})
     lines = ["## Low-rank aggregation", "",
-             f"Low-rank pairs: **{settings.get('lora_aggregation', 'naive')}** aggregation; server optimiser "
+             f"Low-rank pairs: **{', '.join(used) or settings.get('lora_aggregation', 'naive')}** aggregation; server optimiser "
              f"**{settings.get('server_optimizer', 'none')}** (server-lr {settings.get('server_lr', '-')}). The naive "
              "error is ||sum w B A - (sum w B)(sum w A)|| / ||sum w B A|| over each group's pairs (pooled; largest "
              "pair in brackets): what averaging the factors separately loses (removed by exact aggregation, up to the "

@@ -96,7 +96,7 @@ def test_ct_pet_label_intensities_and_grids(phantom_federation: Federation) -> N
         ring = binary_dilation(tumour, iterations=4) & ~binary_dilation(tumour, iterations=2)
         ring &= (ct > -30) & (ct < 130)  # muscle only: no fat, no bone
         contrast = ct[core].mean() - ct[ring].mean()
-        assert 10 - 8 < contrast < 40 + 8  # low CT contrast, as drawn
+        assert 80 - 8 < contrast < 140 + 8  # contrast-enhanced CT, as drawn
         assert abs(contrast - row.tumour_contrast_hu) < 8
         assert 3 <= row.suv_mean <= 10 and row.suv_max <= 25
         # PET background ~1 SUV in the body, tumour clearly hotter.

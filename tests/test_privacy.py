@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.losses import DiceCELoss
 from test_training import _model
 
 from pemma_core import privacy
@@ -18,7 +17,7 @@ from pemma_core.config.site import load_site_config
 from pemma_core.data.pipeline import train_loader
 from pemma_core.phantoms.writer import Federation
 from pemma_core.privacy import DpPlan, PrivacyLedger, epsilon_spent, plan_dp, steps_within_budget
-from pemma_core.training.local import train_local, train_step
+from pemma_core.training.local import segmentation_loss, train_local, train_step
 
 # --------------------------------------------------------------------------- accounting
 
@@ -215,7 +214,7 @@ def test_without_clipping_or_noise_a_full_draw_is_plain_sgd_on_the_batch():
     items = [loader.dataset[i][0] for i in range(3)]
     image, label = torch.stack([x["image"] for x in items]), torch.stack([x["label"] for x in items])
     plain.train()
-    loss = train_step(plain, image, label, "ct", _sgd(plain, 0.5), DiceCELoss(to_onehot_y=True, softmax=True), "cpu")
+    loss = train_step(plain, image, label, "ct", _sgd(plain, 0.5), segmentation_loss(), "cpu")
     assert result.loss == pytest.approx(loss, rel=1e-5)
     groups = dp_model.param_groups
     moved = 0
@@ -277,7 +276,7 @@ def test_dp_changes_exactly_the_tensors_a_plain_step_in_that_mode_would_have_a_g
         probe.train()
         image = torch.rand(1, 2, *probe.roi_size)
         label = (torch.rand(1, 1, *probe.roi_size) > 0.7).float()
-        train_step(probe, image, label, mode, _sgd(probe, 0.0), DiceCELoss(to_onehot_y=True, softmax=True), "cpu")
+        train_step(probe, image, label, mode, _sgd(probe, 0.0), segmentation_loss(), "cpu")
         with_grad = {n for n, p in probe.named_parameters() if p.grad is not None}
 
         model = _model()

@@ -6,13 +6,13 @@ import itertools
 
 import pytest
 import torch
-from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
 from pemma_core.model.factory import build_model
 from pemma_core.model.spec import ModelSpec, build_backbone
-from pemma_core.training.local import evaluate, evaluate_cases, mode_sampler, predict_volume, train_local, train_step
+from pemma_core.training.local import (evaluate, evaluate_cases, mode_sampler, predict_volume, segmentation_loss,
+                                       train_local, train_step)
 
 MODES = ["ct", "pet", "ctpet"]
 
@@ -43,7 +43,7 @@ def test_train_local_is_a_loop_over_train_step():
     stepped.train()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in stepped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = segmentation_loss()
     draws = mode_sampler(MODES, None, seed)
     losses = [
         train_step(stepped, b["image"], b["label"], next(draws), optimizer, loss_fn, "cpu")
@@ -52,6 +52,22 @@ def test_train_local_is_a_loop_over_train_step():
     assert result.loss == sum(losses) / steps
     for (name, a), b in zip(looped.state_dict().items(), stepped.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_loss_does_not_reward_a_model_that_misses_a_small_tumour():
+    # One tumour voxel in 1,000, the model sure it is all background: the Dice term must read
+    # that as a miss (about 1). With the background channel in it (MONAI's default) half of it
+    # would be the background's near-perfect Dice, and the tumour's gradient half as strong.
+    label = torch.zeros(1, 1, 10, 10, 10, dtype=torch.long)
+    label[0, 0, 5, 5, 5] = 1
+    logits = torch.zeros(1, 2, 10, 10, 10, requires_grad=True)
+    with torch.no_grad():
+        logits[:, 0] = 6.0  # background, confidently
+    loss = segmentation_loss()(logits, label)
+    assert float(loss) > 0.99
+    loss.backward()
+    tumour_pull = -float(logits.grad[0, 1, 5, 5, 5])  # raising the tumour logit at the tumour voxel lowers the loss
+    assert tumour_pull > 0
 
 
 def test_train_step_refuses_a_non_finite_loss_before_touching_the_weights():

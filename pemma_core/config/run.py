@@ -95,7 +95,7 @@ class RunSettings(BaseModel):
     batch_size: int = Field(2, ge=1, description="training batch size")
     pretrain_rounds: int = Field(3, ge=0, description="pretrain-ct rounds (0: no pretraining, random backbone; "
                                                      "ignored with backbone-file)")
-    pretrain_steps: int = Field(10, ge=1, description="optimiser steps per site per pretrain-ct round")
+    pretrain_steps: int = Field(12, ge=1, description="optimiser steps per site per pretrain-ct round")
     pretrain_lr: float = Field(2e-3, gt=0, description="pretrain-ct learning rate")
     prognosis_rounds: int = Field(2, ge=0, description="prognosis rounds after adapt: Cox head (+ EHR encoder) on "
                                                       "the frozen adapters (0: none)")
@@ -114,10 +114,11 @@ class RunSettings(BaseModel):
                                                          "(every phase; 0: off)")
     aggregation: Literal[RULES] = Field("mean", description="how each parameter group is combined: mean (weighted by "  # type: ignore[valid-type]
                                                             "examples), or the Byzantine-robust median or trimmed-mean")
-    lora_aggregation: Literal[LORA_AGGREGATIONS] = Field(  # type: ignore[valid-type]
-        "naive", description="adapt: low-rank adapter pairs: naive (each factor averaged) or exact (the weighted mean "
-                             "of the sites' products B A, re-factorised to the rank by truncated SVD); needs "
-                             "aggregation = mean and no secure aggregation")
+    lora_aggregation: Literal[("auto", *LORA_AGGREGATIONS)] = Field(  # type: ignore[valid-type]
+        "auto", description="adapt: low-rank adapter pairs: exact (the weighted mean of the sites' products B A, "
+                            "re-factorised to the rank by truncated SVD; needs aggregation = mean, no secure "
+                            "aggregation, no server optimiser), naive (each factor averaged), or auto: exact where "
+                            "those allow it, else naive")
     server_optimizer: Literal[SERVER_OPTIMIZERS] = Field(  # type: ignore[valid-type]
         "none", description="adapt: server step on the aggregated update: none (take it), fedadam or fedyogi "
                             "(Reddi et al. 2021); not with lora-aggregation = exact")
@@ -165,6 +166,16 @@ class RunSettings(BaseModel):
                              "the re-factorisation changes the factors' basis every round, so moments kept over "
                              "A and B would mean nothing")
         return self
+
+    @property
+    def lora_aggregation_rule(self) -> str:
+        """``naive`` or ``exact``: the rule the adapt rounds use (``auto`` resolved). Exact where the
+        server sees each site's factors and combines them by their mean with no server step: the
+        naive rule's mean(B) mean(A) let the federated CT mode collapse on IBSI (BENCHMARKS.md)."""
+        if self.lora_aggregation != "auto":
+            return self.lora_aggregation
+        plain_mean = self.aggregation == "mean" and not self.secure_aggregation and self.server_optimizer == "none"
+        return "exact" if plain_mean else "naive"
 
     # ------------------------------------------------------------- reading
     @classmethod

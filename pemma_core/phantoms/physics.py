@@ -5,7 +5,8 @@ One case (world coordinates in mm, the limb along z):
 - CT over a 110 x 110 x 111 mm field of view (~2.3-2.7 mm in plane by site, 3 mm slices;
   :func:`ct_shape`), the limb 72-100 mm across: air -1000 HU, a
   subcutaneous fat layer (~-100 HU), muscle (35-55 HU), a long bone (cortex ~1200 HU,
-  marrow ~-50 HU) and a tumour only 10-40 HU above muscle (low CT contrast); scanner
+  marrow ~-50 HU) and a tumour 80-140 HU above muscle (contrast-enhanced CT; PET still
+  outlines it better: the CT edge is blurred and noisy); scanner
   blur and Gaussian noise (10-25 HU by site).
 - PET on its own coarser grid (4.0-5.5 mm in plane) with another origin, axis direction
   and a slightly shorter axial field of view: background SUV ~1 (fat 0.35, marrow 1.3),
@@ -66,7 +67,7 @@ CT_SLICE_MM = 3.0
 # Hazard model (module docstring). Standardisation uses the sampling distributions.
 RADIUS_RANGE_MM = (7.0, 20.0)  # main sphere; ln(volume) is uniform over this range
 SUV_MEAN_RANGE = (3.0, 10.0)  # ln(mean SUV) uniform
-TUMOUR_CONTRAST_HU = (10.0, 40.0)  # above muscle, uniform
+TUMOUR_CONTRAST_HU = (80.0, 140.0)  # above muscle, uniform: a contrast-enhanced CT
 BETA_VOLUME = 0.8
 BETA_SUV = 0.8
 BETA_AGE_PER_SD = 0.5

@@ -41,6 +41,7 @@ __all__ = [
     "evaluate_cases",
     "mode_sampler",
     "predict_volume",
+    "segmentation_loss",
     "train_backbone",
     "train_local",
     "train_step",
@@ -102,6 +103,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def segmentation_loss() -> DiceCELoss:
+    """The training loss of every segmentation model here: cross-entropy plus the soft Dice of
+    the tumour channel only. A background channel in the Dice term (MONAI's default) is near 1
+    from the first step on small tumours, so it dilutes the tumour's gradient; nnU-Net's Dice
+    also leaves it out (BENCHMARKS.md, why the demo's CT mode read 0)."""
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+
 def train_step(
     model: SegmentationModel,
     image: torch.Tensor,
@@ -141,7 +150,7 @@ def _training_setup(model: SegmentationModel, modes: Sequence[str], lr: float, m
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return (optimizer, DiceCELoss(to_onehot_y=True, softmax=True), mode_sampler(modes, mode_weights, seed),
+    return (optimizer, segmentation_loss(), mode_sampler(modes, mode_weights, seed),
             set(model.param_groups.values()))
 
 
