@@ -66,8 +66,10 @@ RUN_CONFIG = {
     "pretrain-rounds": 0,
     "batch-size": 1,
     "min-sites": 2,  # round 2 completes without the hospital that vanishes in it
-    # a stage waits this long for a node that vanished (the SuperLink does not know it is gone)
-    "round-timeout": 45.0,
+    # A stage waits this long for a node that vanished (the SuperLink does not know it is gone).
+    # Each message starts a fresh ClientApp process (imports, model, data, a DP step): 45 s let
+    # live sites time out in round 1 on a loaded 2-core machine, so the victim never got to round 2.
+    "round-timeout": 90.0,
     "evaluate": False,
     "prognosis-rounds": 0,  # the prognosis phase is covered in-process (test_simulation_federation.py)
     "secure-aggregation": True,  # the server sees only sums...

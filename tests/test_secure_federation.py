@@ -60,7 +60,9 @@ def test_secure_run_ends_where_the_plain_run_ends_and_the_server_sees_no_site_te
     # One round: the server's result is the plain weighted mean up to quantisation. (Over several
     # rounds Adam turns any 1e-8 difference in the global tensors, float rounding included, into
     # lr-sized steps of elements whose gradient is near zero: BENCHMARKS.md, secure aggregation.)
-    plain, plain_grid = run(tmp_path / "plain", federation, backbone_file, rounds=1)
+    # The plain reference averages the low-rank factors as the secure sum does (naive): exact
+    # aggregation needs each site's factors, which secure aggregation hides from the server.
+    plain, plain_grid = run(tmp_path / "plain", federation, backbone_file, rounds=1, lora_aggregation="naive")
     secure, grid = run(tmp_path / "secure", federation, backbone_file, secure_aggregation=True, rounds=1)
     start = adapters(plain, 0)
     gap = relative_gap(adapters(secure, 1), adapters(plain, 1), start)
@@ -99,7 +101,8 @@ def test_a_site_vanishing_after_masking_leaves_the_survivors_sum(
     # leaves the same site out of the same rounds (it fails its training).
     secure, _ = run(tmp_path / "secure", federation, backbone_file, mods=[fail_at("query.secagg_confirm", 0)],
                     secure_aggregation=True, rounds=1)
-    plain, _ = run(tmp_path / "plain", federation, backbone_file, mods=[fail_at("train", 0)], rounds=1)
+    plain, _ = run(tmp_path / "plain", federation, backbone_file, mods=[fail_at("train", 0)], rounds=1,
+                   lora_aggregation="naive")
     record = secure.metrics()["rounds"][0]
     assert record["aggregated"] is True
     info = record["secure_aggregation"]
