@@ -11,8 +11,10 @@ one CT backbone, once per variant, and records per variant:
 * normalisation statistics: the running-statistics buffers the network holds (a layer with
   running statistics would change the CT mode through PET batches without any gradient).
 
-Variants: ``lora`` and ``dora`` (the tree's PEMMA as built), and ``lora-shared-lr-0.2``
-(the shared group at 0.2x the adapter rate, the rest at 1x). Run it against two source
+Variants: ``lora`` and ``dora`` (the tree's PEMMA as built), ``lora-shared-lr-0.2``
+(the shared group at 0.2x the adapter rate, the rest at 1x), and DoRA with the shared
+magnitude vectors at 0.1x the rate (``dora-magnitude-lr-0.1``) or frozen at the backbone's
+column norms (``dora-magnitude-frozen``). Run it against two source
 trees to compare designs: it measures whatever ``pemma_core`` it imports.
 """
 
@@ -35,7 +37,9 @@ from pemma_core.model.files import load_backbone
 
 from pemma_core.training.local import _cycle, mode_sampler, segmentation_loss, train_step
 
-VARIANTS = {"lora": ("lora", 1.0), "dora": ("dora", 1.0), "lora-shared-lr-0.2": ("lora", 0.2)}
+# variant -> (adapter, the shared group's rate scale, the DoRA magnitude vectors' rate scale)
+VARIANTS = {"lora": ("lora", 1.0, 1.0), "dora": ("dora", 1.0, 1.0), "lora-shared-lr-0.2": ("lora", 0.2, 1.0),
+            "dora-magnitude-lr-0.1": ("dora", 1.0, 0.1), "dora-magnitude-frozen": ("dora", 1.0, 0.0)}
 MODE_WEIGHTS = None  # the product's default mix (pemma_core.training.local.mode_sampler)
 
 
@@ -52,15 +56,22 @@ def _zero_shared_lora(model: torch.nn.Module) -> None:
 
 
 def run_variant(bench: BackboneBench, variant: str, steps: int, say: Any) -> dict[str, Any]:
-    adapter, shared_scale = VARIANTS[variant]
+    adapter, shared_scale, magnitude_scale = VARIANTS[variant]
     config = bench.config
     seed_all(config.seed)
     model = build_model(bench.spec.with_(kind="pemma", adapter=adapter), bench.backbone)
     lr = config.lr_adapter
     shared = _shared(model)
     rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in shared]
-    optimizer = torch.optim.AdamW([{"params": list(shared.values()), "lr": lr * shared_scale},
-                                   {"params": rest, "lr": lr}], lr=lr, weight_decay=0.0)
+    magnitudes = [p for n, p in shared.items() if "magnitude" in n]
+    if magnitude_scale == 0:
+        for p in magnitudes:
+            p.requires_grad_(False)
+    groups = [{"params": [p for n, p in shared.items() if "magnitude" not in n], "lr": lr * shared_scale},
+              {"params": rest, "lr": lr}]
+    if magnitudes and magnitude_scale > 0:
+        groups.append({"params": magnitudes, "lr": lr * shared_scale * magnitude_scale})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     magnitudes0 = {n: p.detach().clone() for n, p in shared.items() if "magnitude" in n}
     start_state = {n: p.detach().clone() for n, p in shared.items()}
     drift: dict[str, float] = {}
@@ -85,7 +96,8 @@ def run_variant(bench: BackboneBench, variant: str, steps: int, say: Any) -> dic
     result = bench.evaluate(model, modes, variant)
     total = sum(float((p.detach() - start_state[n]).norm() ** 2) for n, p in shared.items()) ** 0.5
     out: dict[str, Any] = {
-        "variant": variant, "adapter": adapter, "shared_lr_scale": shared_scale, "steps": steps,
+        "variant": variant, "adapter": adapter, "shared_lr_scale": shared_scale,
+        "magnitude_lr_scale": magnitude_scale, "steps": steps,
         "train_seconds": train_seconds, "dice": result.dice, "per_case": result.per_case,
         "drift_by_mode": drift, "shared_moved_total": total,
     }
