@@ -63,16 +63,15 @@ def run_variant(bench: BackboneBench, variant: str, steps: int, say: Any) -> dic
     lr = config.lr_adapter
     shared = _shared(model)
     rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in shared]
-    magnitudes = [p for n, p in shared.items() if "magnitude" in n]
-    if magnitude_scale == 0:
-        for p in magnitudes:
-            p.requires_grad_(False)
-    groups = [{"params": [p for n, p in shared.items() if "magnitude" not in n], "lr": lr * shared_scale},
+    magnitudes = {n: p for n, p in shared.items() if "magnitude" in n}  # DoRA only
+    groups = [{"params": [p for n, p in shared.items() if n not in magnitudes], "lr": lr * shared_scale},
               {"params": rest, "lr": lr}]
     if magnitudes and magnitude_scale > 0:
-        groups.append({"params": magnitudes, "lr": lr * shared_scale * magnitude_scale})
+        groups.append({"params": list(magnitudes.values()), "lr": lr * shared_scale * magnitude_scale})
+    for p in magnitudes.values():
+        p.requires_grad_(magnitude_scale > 0)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    magnitudes0 = {n: p.detach().clone() for n, p in shared.items() if "magnitude" in n}
+    magnitudes0 = {n: p.detach().clone() for n, p in magnitudes.items()}
     start_state = {n: p.detach().clone() for n, p in shared.items()}
     drift: dict[str, float] = {}
     loader = bench.loader("pooled_ctpet", config.seed)
