@@ -19,6 +19,7 @@ from pemma_core.phantoms import physics
 from pemma_core.phantoms.coordination import ensure_phantom_federation
 from pemma_core.phantoms.physics import case_survival, ct_shape, draw_case, site_scanner, survival_linear_predictor
 from pemma_core.phantoms.writer import Federation, federation_site_files, make_federation, phantom_limits
+from pemma_core.training.survival import concordance_pairs
 
 LOWERED_NOTE = "# synthetic phantom data: the privacy floors are lowered so a small test federation still reports"
 
@@ -168,13 +169,31 @@ def test_phantom_limits_rule() -> None:
                                                                     "min_examples_per_round": 1}
 
 
-def test_the_default_phantom_federation_meets_the_default_floors(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def default_federation(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The site YAMLs of the phantom federation at the default size, as ``pemma simulate`` writes it."""
+    return ensure_phantom_federation(tmp_path_factory.mktemp("default") / "fed")
+
+
+def test_the_default_phantom_federation_meets_the_default_floors(default_federation: list[Path]) -> None:
     defaults = SiteLimits()
-    for site_yaml in ensure_phantom_federation(tmp_path / "fed"):  # the default size, as simulations use it
+    for site_yaml in default_federation:
         n_train, n_test = held_counts(site_yaml)
         assert n_test >= defaults.min_eval_cases and n_train >= defaults.min_ehr_rows
         assert "limits" not in yaml.safe_load(site_yaml.read_text()) and LOWERED_NOTE not in site_yaml.read_text()
         assert load_site_config(site_yaml).limits == defaults
+
+
+def test_the_default_demo_has_30_comparable_pairs_for_its_pooled_c_index(default_federation: list[Path]) -> None:
+    """The demo pools the sites' within-site pairs of their test splits; fewer than 30 make the
+    C-index noise (its interval spans 0-1), so the default phantoms must hold at least 30."""
+    pairs = 0
+    for site_yaml in default_federation:
+        splits = pd.read_csv(site_yaml.parent / "manifest.csv").set_index("case_id")["split"]
+        clinical = pd.read_csv(site_yaml.parent / "clinical.csv").set_index("case_id")
+        test = clinical[splits.reindex(clinical.index) == "test"]
+        pairs += concordance_pairs(np.zeros(len(test)), test["time"].to_numpy(), test["event"].to_numpy())[1]
+    assert pairs >= 30
 
 
 def test_truth_matches_hazard_formula(phantom_federation: Federation) -> None:
@@ -213,7 +232,7 @@ def test_cli_default_federation(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / f"{s}/site.yaml") for s in ("site-1", "site-2", "site-3", "test")]
     assert len(pd.read_csv(out / "phantom_truth.csv")) == 3 * 8 + 8
-    assert list(pd.read_csv(out / "site-2" / "manifest.csv")["split"]).count("test") == 2
+    assert list(pd.read_csv(out / "site-2" / "manifest.csv")["split"]).count("test") == 3  # a third of 8, rounded
     assert yaml.safe_load((out / "site-1" / "site.yaml").read_text())["spacing"] == [3.5, 3.5, 3.5]
     # Nothing is overwritten: a non-empty folder is refused.
     assert pemma(["phantoms", str(out)]) == 1  # a failure, not a usage error

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Today's `pemma simulate` values: the default run trains exactly as before the settings were merged.
 SIMULATE_VALUES = {
-    "num-server-rounds": 5, "local-steps": 10, "pretrain-rounds": 3, "pretrain-steps": 12, "phantom-cases": 16,
+    "num-server-rounds": 5, "local-steps": 10, "pretrain-rounds": 3, "pretrain-steps": 12, "phantom-cases": 18,
     "prognosis-rounds": 2, "prognosis-steps": 10, "lr": 1e-2, "pretrain-lr": 2e-3, "prognosis-lr": 1e-2,
     "batch-size": 2, "rank": 8, "alpha": 16, "seed": 0, "min-sites": 2, "wire-dtype": "float32",
     "backbone": "unetr", "preset": "tiny", "adapter": "lora", "evaluate": True, "resume": False,

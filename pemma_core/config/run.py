@@ -76,7 +76,7 @@ class RunSettings(BaseModel):
     )
     phantom_sites: int = Field(3, ge=1, description="sites of the phantom federation (site-1 CT, site-2 CT+PET, "
                                                    "site-3 CT+PET+EHR...)")
-    phantom_cases: int = Field(16, ge=1, description="cases per phantom site (16: 12 training and 4 test cases, "
+    phantom_cases: int = Field(18, ge=1, description="cases per phantom site (18: 12 training and 6 test cases, "
                                                      "enough for the sites' default privacy floors)")
     # ------------------------------------------------------------- model
     backbone: Literal[BACKBONES] = Field("unetr", description="CT backbone")  # type: ignore[valid-type]

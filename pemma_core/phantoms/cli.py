@@ -28,7 +28,7 @@ def _modalities(token: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (absent or empty)")
     parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    parser.add_argument("--cases-per-site", type=int, default=8, help="cases per site, ~25%% test (default 8)")
+    parser.add_argument("--cases-per-site", type=int, default=8, help="cases per site, a third test (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--test-cases", type=int, default=8, help="held-out CT+PET+EHR test cases (default 8; 0: none)")
     parser.add_argument(

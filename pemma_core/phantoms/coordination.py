@@ -15,11 +15,11 @@ __all__ = ["ensure_phantom_federation"]
 log = logging.getLogger("pemma.phantoms")
 
 
-def ensure_phantom_federation(folder: str | Path, n_sites: int = 3, cases_per_site: int = 16, seed: int = 0) -> list[Path]:
+def ensure_phantom_federation(folder: str | Path, n_sites: int = 3, cases_per_site: int = 18, seed: int = 0) -> list[Path]:
     """The site YAMLs of the phantom federation in ``folder`` (no held-out test set), written
     there first if it holds none. Simulation only (``pemma simulate``, or a simulated node of
     ``flwr run .`` without ``site-configs``); a deployed site names its own YAML. The default
-    13 cases per site (3 test, 10 training) meet the default privacy floors of ``SiteLimits``;
+    18 cases per site (6 test, 12 training) meet the default privacy floors of ``SiteLimits``;
     smaller sites get lowered floors written into their YAML.
 
     The federation is written into a temporary sibling folder and renamed into place, so
