@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-adapter", type=float, default=default("lr_adapter"),
                         help=f"PEMMA adapter learning rate, centralized and federated (default {default('lr_adapter'):g}, "
                              "the adapt rate of 'pemma simulate')")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped run in --out, given the same options: its finished rows are kept, "
+                             "its CT backbone reloaded, only what is missing runs (without it an existing run is refused)")
     parser.add_argument("--report-only", type=Path, metavar="RUN",
                         help="rewrite the markdown of a finished run from its bench.json (RUN: the output folder or "
                              "the JSON file; plots in plots/ beside it); runs nothing")
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     command = "pemma bench " + " ".join(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else [])
-    results = run_bench(config, command.strip(), Progress())  # missing IBSI data: FileNotFoundError, status 1
+    # missing IBSI data: FileNotFoundError, status 1
+    results = run_bench(config, command.strip(), Progress(), resume=args.resume)
     print("\n".join(summary_lines(results)))
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "all_rows", "read_finished", "row_dice", "row_per_case", "rows_by_id", "write_json"]
+__all__ = ["FORMAT", "all_rows", "read_finished", "read_resumable", "row_dice", "row_per_case", "rows_by_id", "write_json"]
 
 FORMAT = "pemma-bench/1"
 
@@ -46,6 +46,31 @@ def read_finished(source: Path) -> dict[str, Any]:
     results = json.loads(source.read_text(encoding="utf-8"))
     if not results.get("complete"):
         raise ValueError(f"{source} is from a run that did not finish")
+    return results
+
+
+# Settings a resumed run may change: they decide no number the bench reports as a result.
+_FREE_ON_RESUME = frozenset({"out", "threads", "threads_reason"})
+
+
+def read_resumable(source: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The results of an unfinished run that a run with ``config`` (:meth:`BenchConfig.to_json`)
+    may continue; ValueError says why not (missing, finished, foreign, other settings)."""
+    if not source.is_file():
+        raise ValueError(f"--resume: {source} does not exist: there is no run to continue")
+    try:
+        results = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--resume: {source} is not JSON ({exc})") from exc
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise ValueError(f"--resume: {source} is not a pemma bench result ({FORMAT})")
+    if results.get("complete"):
+        raise ValueError(f"--resume: {source} is a finished run: nothing to continue (--report-only rewrites its markdown)")
+    before, now = results.get("config", {}), json.loads(json.dumps(config, default=_json_default))
+    differ = sorted(k for k in set(before) | set(now) if k not in _FREE_ON_RESUME and before.get(k) != now.get(k))
+    if differ:
+        said = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+        raise ValueError(f"--resume: {source} was run with other settings ({said}): give the same options")
     return results
 
 

@@ -42,7 +42,7 @@ from pemma_core.config.site import load_site_config
 from pemma_core.data.pipeline import train_loader
 from pemma_core.model.baselines import FullModel
 from pemma_core.model.factory import build_model
-from pemma_core.model.files import backbone_fingerprint, save_backbone
+from pemma_core.model.files import backbone_fingerprint, load_backbone, save_backbone
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import ModelSpec, build_backbone
 
@@ -285,6 +285,15 @@ class BackboneBench:
         return _row_record("ct-backbone", ROW_LABELS["ct-backbone"], self.name, "ct backbone", train,
                            model_sizes(wrapper), result, memory, train_data=TRAIN_DATA["pooled_ct"], train_modes=["ct"],
                            lr=self.config.lr_backbone, fingerprint=fingerprint, file=str(self.backbone_file))
+
+    def reuse_backbone(self, row: Mapping[str, Any]) -> None:
+        """A resumed run: the CT backbone of its ``ct-backbone`` row, from its file; ValueError if the
+        file is not that backbone (another fingerprint or model)."""
+        backbone, spec = load_backbone(self.backbone_file)  # checks the file against its own fingerprint
+        if backbone_fingerprint(backbone) != row.get("fingerprint") or spec != self.spec:
+            raise ValueError(f"--resume: {self.backbone_file} is not the CT backbone the run trained "
+                             f"(fingerprint {backbone_fingerprint(backbone)[:12]}, the run's {str(row.get('fingerprint'))[:12]})")
+        self.backbone = backbone
 
     def run_row(self, plan: RowPlan, seed: int | None = None) -> dict[str, Any]:
         """One centralized row of :data:`PLANS`, from the CT backbone, trained with ``seed``

@@ -8,7 +8,9 @@
 3. the CNN reference, data loading, threads, targets, plots and ``BENCHMARKS.md``.
 
 A phase that raises is recorded under ``errors`` and the run goes on: a long benchmark
-keeps what it measured.
+keeps what it measured. A run that was stopped (the machine went back, a session ended)
+continues with ``--resume``: the rows already in its ``bench.json`` are kept, the CT
+backbone is reloaded from its file (fingerprint checked), and only what is missing runs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from benchmarks.config import BenchConfig, Say
 from benchmarks.federated import run_federated
 from benchmarks.plots import make_plots
 from benchmarks.report import write_markdown
-from benchmarks.result_json import FORMAT, write_json
+from benchmarks.result_json import FORMAT, read_resumable, rows_by_id, write_json
 from benchmarks.rows import PLANS, BackboneBench, over_seeds, run_cnn
 from benchmarks.sites import BenchSites, alignment_audit, first_batch, load_test_batches, prepare_sites
 from benchmarks.targets import targets
@@ -64,8 +66,9 @@ def environment(config: BenchConfig) -> dict[str, Any]:
     }
 
 
-def run_bench(config: BenchConfig, command: str, say: Say) -> dict[str, Any]:
-    """The whole benchmark; returns (and keeps writing) the result dictionary."""
+def run_bench(config: BenchConfig, command: str, say: Say, resume: bool = False) -> dict[str, Any]:
+    """The whole benchmark; returns (and keeps writing) the result dictionary. ``resume``: continue
+    the unfinished run in ``config.out`` (same settings); otherwise an existing run there is refused."""
     threads_before = torch.get_num_threads()
     if config.threads is None and config.device == "cpu" and os.getloadavg()[0] >= 1.0:
         # Shared cores: OpenMP threads of one process wait on each other while other jobs run;
@@ -75,7 +78,7 @@ def run_bench(config: BenchConfig, command: str, say: Say) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _Run(config, command, say).run()
+        return _Run(config, command, say, resume).run()
     finally:
         torch.set_num_threads(threads_before)
 
@@ -83,15 +86,25 @@ def run_bench(config: BenchConfig, command: str, say: Say) -> dict[str, Any]:
 class _Run:
     """One run's state: its results (written to ``bench.json`` after every phase)."""
 
-    def __init__(self, config: BenchConfig, command: str, say: Say) -> None:
+    def __init__(self, config: BenchConfig, command: str, say: Say, resume: bool = False) -> None:
         self.config = config
         self.say = say
         self.json_path = config.out / "bench.json"
-        self.results: dict[str, Any] = {"format": FORMAT, "command": command, "config": config.to_json(),
-                                        "environment": environment(config), "backbones": {}, "complete": False}
+        if resume:
+            self.results = read_resumable(self.json_path, config.to_json())
+            self.results.setdefault("resumed", []).append({"command": command, "environment": environment(config)})
+        elif self.json_path.exists():
+            raise FileExistsError(f"{self.json_path} exists: refusing to write over another run (--resume continues "
+                                  "an unfinished one; a new run needs another --out)")
+        else:
+            self.results = {"format": FORMAT, "command": command, "config": config.to_json(),
+                            "environment": environment(config), "backbones": {}, "complete": False}
         self.overlays: dict[str, Any] = {}
+        self.seconds_before = float(self.results.get("wall_seconds", 0.0))  # the stopped segments' time
+        self.started = time.perf_counter()
 
     def save(self) -> None:
+        self.results["wall_seconds"] = self.seconds_before + time.perf_counter() - self.started
         write_json(self.json_path, self.results)
 
     def guarded(self, phase: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -107,17 +120,15 @@ class _Run:
     def run(self) -> dict[str, Any]:
         config, results = self.config, self.results
         config.out.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
         budget_text = ", ".join(f"{k}: {b.pretrain_steps} backbone + {b.steps} steps per row" for k, b in config.budgets.items())
         self.say(f"pemma bench ({config.mode}): {', '.join(config.backbones)} / {config.preset} on {config.device}, "
                  f"{torch.get_num_threads()} thread(s); {budget_text} -> {config.out}")
         sites, test_batches = self._data()
-        results["errors"] = []
+        results.setdefault("errors", [])
         for name in config.backbones:
             self._backbone(name, sites, test_batches)
         self._closing(sites, test_batches)
         results["environment"]["load_average_end"] = list(os.getloadavg())
-        results["wall_seconds"] = time.perf_counter() - started
         results["complete"] = True
         self.save()
         write_markdown(results, config.out / "BENCHMARKS.md")
@@ -140,21 +151,30 @@ class _Run:
         """Every row of one backbone, then its speed, profile and inference timings."""
         config = self.config
         bench = BackboneBench(config, sites, name, test_batches, self.say)
-        entry: dict[str, Any] = {"budget": config.budgets[name].to_json(), "spec": json.loads(bench.spec.to_json()), "rows": []}
-        self.results["backbones"][name] = entry
-        entry["rows"].append(bench.train_backbone())  # everything else needs it: no guard
-        self.save()
-        for plan in PLANS:
+        entry = self.results["backbones"].get(name)
+        done = rows_by_id(entry) if entry else {}
+        if "ct-backbone" in done:  # a resumed run: the same backbone, or a clear error
+            bench.reuse_backbone(done["ct-backbone"])
+            self.say(f"{name} | resumed: CT backbone reloaded from {bench.backbone_file}; rows kept: {', '.join(done)}")
+        else:
+            entry = {"budget": config.budgets[name].to_json(), "spec": json.loads(bench.spec.to_json()), "rows": []}
+            self.results["backbones"][name] = entry
+            entry["rows"].append(bench.train_backbone())  # everything else needs it: no guard
+            self.save()
+        for plan in (p for p in PLANS if p.row not in done):
             row = self.guarded(f"{name} {plan.row}", over_seeds, config.seeds, partial(bench.run_row, plan))
             if row is not None:
                 entry["rows"].append(row)
             self.save()
             if plan.row == "pemma-lora" and not self.overlays and bench.predictions:
                 self.overlays = {"backbone": name, "predictions": bench.predictions}
-        row = self.guarded(f"{name} pemma-lora-fed", over_seeds, config.seeds, partial(run_federated, bench))
-        if row is not None:
-            entry["rows"].append(row)
-        self.save()
+        if "pemma-lora-fed" not in done:
+            row = self.guarded(f"{name} pemma-lora-fed", over_seeds, config.seeds, partial(run_federated, bench))
+            if row is not None:
+                entry["rows"].append(row)
+            self.save()
+        if "speed" in entry:  # the timings below are saved together: a resumed run had them all
+            return
 
         say_name = lambda t, n=name: self.say(f"{n} | {t}")  # noqa: E731
         batch = first_batch(sites.pooled_ctpet, bench.spec.roi_size, config.batch_size, config.seed)
@@ -177,7 +197,7 @@ class _Run:
     def _closing(self, sites: BenchSites, test_batches: list[dict[str, Any]]) -> None:
         """The CNN row, data loading and threads timings, targets and plots."""
         config, results = self.config, self.results
-        if config.cnn:
+        if config.cnn and results.get("cnn") is None:
             predictions: dict[str, Any] = {}
 
             def cnn_at(seed: int) -> dict[str, Any]:
@@ -190,12 +210,15 @@ class _Run:
                 results["cnn"] = cnn
                 if self.overlays and predictions:
                     self.overlays["cnn"] = predictions["ctpet"]
+            self.save()
         first = config.backbones[0]
         roi = ModelSpec(backbone=first, preset=config.preset).roi_size
         n_cases = 2 if config.mode == "quick" else 4
-        results["loading"] = self.guarded("loading", speed.loading_timing, sites.pooled_ctpet, roi, config.batch_size,
-                                          n_cases, 6, self.say)
-        if config.device == "cpu":
+        if results.get("loading") is None:
+            results["loading"] = self.guarded("loading", speed.loading_timing, sites.pooled_ctpet, roi,
+                                              config.batch_size, n_cases, 6, self.say)
+            self.save()
+        if config.device == "cpu" and results.get("threads") is None:
             results["threads"] = self.guarded("threads", speed.threads_timing,
                                               Path(results["backbones"][first]["rows"][0]["file"]),
                                               first_batch(sites.pooled_ctpet, roi, config.batch_size, config.seed), 2,

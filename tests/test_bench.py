@@ -4,6 +4,7 @@ JSON/markdown contract, and the equivalence of the module swaps it profiles."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,71 @@ EVAL_MODES = {"ct-backbone": {"ct"}, "ct-only": {"ct"}, "pet-only": {"pet"}, "ea
               "pemma-lora-fed": {"ct", "pet", "ctpet"}, "cnn-early-fusion": {"ctpet"}}
 
 
-@pytest.fixture(scope="module")
-def bench_run(tmp_path_factory: pytest.TempPathFactory, ibsi_root: Path) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("bench")
-    code = main([
+def _tiny_bench(ibsi_root: Path, out: Path, *more: str) -> list[str]:
+    """``pemma bench`` at the tiny preset: every row, 2 seeds, 2 training cases per site, 2 test cases."""
+    return [
         "bench", "--preset", "tiny", "--backbones", "unetr", "--data-root", str(ibsi_root),
         "--pretrain-steps", "2", "--fed-rounds", "1", "--fed-local-steps", "1", "--cnn-steps", "2",
         "--train-cases", "2", "--test-cases", "2", "--speed-steps", "1", "--fed-engine", "inprocess",
-        "--threads", "1", "--seeds", "2", "--fed-lora-aggregation", "exact", "--out", str(out),
-    ])
-    assert code == 0
+        "--threads", "1", "--seeds", "2", "--fed-lora-aggregation", "exact", "--out", str(out), *more,
+    ]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory, ibsi_root: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    assert main(_tiny_bench(ibsi_root, out)) == 0
     return out, json.loads((out / "bench.json").read_text())
+
+
+def test_an_existing_run_is_never_written_over_and_resume_needs_the_same_settings(bench_run, ibsi_root, tmp_path,
+                                                                                  capsys):
+    out, _ = bench_run
+    before = (out / "bench.json").read_bytes()
+    assert main(_tiny_bench(ibsi_root, out)) == 1
+    assert "refusing to write over another run" in capsys.readouterr().err
+    assert main(_tiny_bench(ibsi_root, out, "--resume")) == 1
+    assert "is a finished run" in capsys.readouterr().err
+    assert (out / "bench.json").read_bytes() == before
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "bench.json").write_text(json.dumps({**json.loads(before), "complete": False}))
+    assert main([*_tiny_bench(ibsi_root, stopped, "--resume"), "--cnn-steps", "3"]) == 1
+    assert "cnn_steps: 2 there, 3 now" in capsys.readouterr().err
+    assert main(_tiny_bench(ibsi_root, tmp_path / "nothing-here", "--resume")) == 1
+    assert "no run to continue" in capsys.readouterr().err
+
+
+def test_resume_runs_only_what_a_stopped_run_lacks(bench_run, ibsi_root, tmp_path):
+    out, finished = bench_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(out, stopped)
+    # As a run stopped during the DoRA row would leave it, with the later sections dropped too, except
+    # the timings (the costliest part to run again; they are kept as they were, the sign they were skipped).
+    kept = ("ct-backbone", "ct-only", "pet-only", "early-fusion", "pemma-lora", "pemma-lora-fed")
+    partial = json.loads(json.dumps(finished))
+    entry = partial["backbones"]["unetr"]
+    entry["rows"] = [r for r in entry["rows"] if r["row"] in kept]
+    for key in ("cnn", "targets", "plots"):
+        partial.pop(key, None)
+    partial["complete"] = False
+    (stopped / "bench.json").write_text(json.dumps(partial))
+    backbone = stopped / "backbones" / "unetr-tiny.safetensors"
+    stamp = backbone.stat().st_mtime_ns
+
+    assert main(_tiny_bench(ibsi_root, stopped, "--resume")) == 0
+    resumed = json.loads((stopped / "bench.json").read_text())
+    assert resumed["complete"] and len(resumed["resumed"]) == 1
+    assert backbone.stat().st_mtime_ns == stamp  # reloaded, not trained again
+    rows = {r["row"]: r for r in resumed["backbones"]["unetr"]["rows"]}
+    again = {r["row"]: r for r in finished["backbones"]["unetr"]["rows"]}
+    assert set(rows) == set(ROW_IDS)
+    for row in kept:
+        assert rows[row] == again[row]
+    # the rows run again start from the same backbone and seeds: the numbers of the uninterrupted run
+    assert rows["pemma-dora"]["dice"] == pytest.approx(again["pemma-dora"]["dice"], abs=1e-6)
+    assert resumed["cnn"]["dice"] == pytest.approx(finished["cnn"]["dice"], abs=1e-6)
+    assert resumed["backbones"]["unetr"]["speed"] == finished["backbones"]["unetr"]["speed"] and resumed["targets"]
 
 
 def _number(value) -> bool:
