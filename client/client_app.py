@@ -2,9 +2,9 @@
 
 Each handler (one wrapper, :func:`_serve`) reads the site (its YAML) and the message
 (:mod:`server.records`, :class:`pemma_core.protocol.Instruction`: a key the protocol does
-not name is refused), calls :mod:`client.task` (which calls ``pemma_core``), appends what
-it sends to the site's own audit log (:mod:`pemma_core.audit`, ``pemma audit SITE.yaml``)
-and replies with what may cross the wire: adapter tensors, per-group example counts,
+not name is refused), calls :mod:`client.site_work` or :mod:`client.task` (which call
+``pemma_core``), appends what it sends to the site's own audit log (:mod:`pemma_core.audit`,
+``pemma audit SITE.yaml``) and replies with what may cross the wire: adapter tensors, per-group example counts,
 aggregate metrics (checked against :mod:`pemma_core.protocol` before the reply leaves).
 A request outside the site's ``limits:`` (its YAML) is refused. Any failure is replied as
 one line, ``[pemma] <site>: <error>``, which the server reports as the site's cause.
@@ -32,6 +32,12 @@ Message types (:mod:`pemma_core.protocol`; sent by :mod:`server.server_app` and
 Which site a node serves: ``context.node_config["site-config"]`` on a deployed
 SuperNode, or the run config (``site-configs`` / ``federation-dir``) by ``partition-id``
 in simulation.
+
+A deployed SuperNode starts a fresh ClientApp process for every message, which imports this
+module: :mod:`client.task` (the model's work: PyTorch, MONAI, peft, seconds to import) is
+imported by the first message that needs it (install_backbone, the train messages,
+evaluate), so that the queries and the secure-aggregation stages, done by
+:mod:`client.site_work`, do not wait for it.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import task
+from client import site_work
 from pemma_core import audit, protocol
+from pemma_core.config.site import SiteConfig
 from pemma_core.protocol import Instruction
 from server import records
 
@@ -55,7 +62,7 @@ class SiteFailure(RuntimeError):
 
 
 # What a handler does: (site, node config, instruction or None, tensors received) -> the reply.
-Work = Callable[[task.SiteConfig, Mapping[str, Any], Instruction | None, Mapping[str, np.ndarray]], protocol.Reply]
+Work = Callable[[SiteConfig, Mapping[str, Any], Instruction | None, Mapping[str, np.ndarray]], protocol.Reply]
 
 
 def _serve(message_type: protocol.MessageType, work: Work | None,
@@ -69,17 +76,17 @@ def _serve(message_type: protocol.MessageType, work: Work | None,
         site = None
         instruction = None
         try:
-            site = task.load_site(context.node_config, run_config, context.run_id)
+            site = site_work.load_site(context.node_config, run_config, context.run_id)
             arrays, config = records.read_instruction(msg)
             instruction = Instruction.from_config(config) if message_type in _INSTRUCTED else None
             if work is None:  # a secure-aggregation stage: its state stays in the node's context between stages
-                reply = task.secure_stage_site(site, message_type, config, context.state)
+                reply = site_work.secure_stage_site(site, message_type, config, context.state)
             else:
                 reply = work(site, context.node_config, instruction if instruction is not None else config, arrays)
             if instruction is not None and instruction.secure is not None and message_type in protocol.TRAIN.values():
-                reply = task.masked_reply(site, instruction, arrays, reply, context.state)
+                reply = _task().masked_reply(site, instruction, arrays, reply, context.state)
         except Exception as exc:  # noqa: BLE001 - every failure is reported, in one line, as the site's
-            label = site.name if site is not None else task.site_label(context.node_config, run_config, context.run_id)
+            label = site.name if site is not None else site_work.site_label(context.node_config, run_config, context.run_id)
             cause = " ".join(f"{type(exc).__name__}: {exc}".split())
             if site is not None:
                 _audit(site, msg, context, instruction, None, cause)
@@ -87,11 +94,11 @@ def _serve(message_type: protocol.MessageType, work: Work | None,
         _audit(site, msg, context, instruction, reply, None)
         return records.reply_message(msg, reply)
 
-    handle.__doc__ = work.__doc__ if work is not None else task.secure_stage_site.__doc__
+    handle.__doc__ = work.__doc__ if work is not None else site_work.secure_stage_site.__doc__
     return handle
 
 
-def _audit(site: task.SiteConfig, msg: Message, context: Context, instruction: Instruction | None,
+def _audit(site: SiteConfig, msg: Message, context: Context, instruction: Instruction | None,
            reply: protocol.Reply | None, error: str | None) -> None:
     audit.record(site.cache_dir, site=site.name, message_type=msg.metadata.message_type,
                  phase=instruction.phase if instruction else None, round=instruction.round if instruction else None,
@@ -101,15 +108,25 @@ def _audit(site: task.SiteConfig, msg: Message, context: Context, instruction: I
 # Messages whose config is an Instruction (the rounds); the queries carry their own config.
 _INSTRUCTED = frozenset({*protocol.TRAIN.values(), protocol.EVALUATE})
 
-# Every message type a site answers, and the work it does (client/task.py).
+
+def _task():
+    """:mod:`client.task`, imported by the first message that needs the model (see the module's doc)."""
+    from client import task
+
+    return task
+
+
+# Every message type a site answers, and the work it does (client/site_work.py without the model,
+# client/task.py with it).
 SITE_WORK: dict[protocol.MessageType, Work] = {
-    protocol.JOIN: lambda site, node_config, config, arrays: task.join_site(site),
-    protocol.INSTALL_BACKBONE: task.install_backbone_site,
-    protocol.TRAIN["pretrain-ct"]: lambda site, node_config, instruction, arrays: task.pretrain_site(site, instruction, arrays),
-    protocol.EHR_STATS: lambda site, node_config, config, arrays: task.ehr_stats_site(site),
-    protocol.TRAIN["adapt"]: task.train_site,
-    protocol.TRAIN["prognosis"]: task.prognosis_site,
-    protocol.EVALUATE: task.evaluate_site,
+    protocol.JOIN: lambda site, node_config, config, arrays: site_work.join_site(site),
+    protocol.EHR_STATS: lambda site, node_config, config, arrays: site_work.ehr_stats_site(site),
+    protocol.INSTALL_BACKBONE: lambda *work: _task().install_backbone_site(*work),
+    protocol.TRAIN["pretrain-ct"]: (
+        lambda site, node_config, instruction, arrays: _task().pretrain_site(site, instruction, arrays)),
+    protocol.TRAIN["adapt"]: lambda *work: _task().train_site(*work),
+    protocol.TRAIN["prognosis"]: lambda *work: _task().prognosis_site(*work),
+    protocol.EVALUATE: lambda *work: _task().evaluate_site(*work),
 }
 
 

@@ -1,8 +1,10 @@
-"""What a site does for the Flower handlers in :mod:`client.client_app`, kept flwr-free.
+"""What a site does with its model for the Flower handlers in :mod:`client.client_app`, kept flwr-free.
 
-* :func:`site_config_path`: which site YAML this node serves (deployment: the node config
-  ``site-config``; simulation: the run config ``site-configs`` or the phantom federation,
-  written on first use, by ``partition-id``).
+PyTorch, MONAI and peft are imported here, at the top: :mod:`client.client_app` imports this
+module on the first message that needs the model, so that the messages that do not (the
+queries and the secure-aggregation stages, :mod:`client.site_work`) start in a fraction of
+the time on a deployed SuperNode, which starts a fresh ClientApp process per message.
+
 * :func:`install_backbone` / :func:`site_backbone`: the frozen CT backbone, checked by
   fingerprint against the one the server names. A site that holds its own backbone file
   (node config ``backbone-file``) refuses a server whose fingerprint differs.
@@ -10,22 +12,24 @@
 * :func:`train_site` / :func:`evaluate_site` / :func:`pretrain_site`: call
   :mod:`pemma_core.training.local` and return only what may cross the wire (see
   :mod:`pemma_core.protocol`): the tensors of the groups the site trained, per-group
-  counts, aggregate metrics. Every reply is checked (:func:`check_reply`) before it
-  leaves, its metric names and config values searched for the site's case ids.
-* :func:`ehr_stats_site` / :func:`prognosis_site`: the ``prognosis`` phase: the aggregates
-  of the site's EHR training rows (to agree on the EHR width), then rounds of the Cox
-  head (+ EHR encoder) on the frozen adapters, replying with the head groups, the event
-  count and the C-index of the held-out split (never a per-patient risk or a case id).
+  counts, aggregate metrics. Every reply is checked (:func:`client.site_work.check_reply`)
+  before it leaves, its metric names and config values searched for the site's case ids.
+* :func:`prognosis_site`: a round of the ``prognosis`` phase: the Cox head (+ EHR encoder)
+  on the frozen adapters, replying with the head groups, the event count and the C-index
+  of the held-out split (never a per-patient risk or a case id).
+* :func:`masked_reply`: a train reply of a secure-aggregation round, masked.
+
+The site's work without the model (which site, its limits, ``query.join``,
+``query.ehr_stats``, the reply check, the secure-aggregation stages) is in
+:mod:`client.site_work`; its names are also importable from here.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import time
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +38,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.site_work import (  # noqa: F401 - the site's work without its model, still importable from here
+    RequestRefused,
+    check_reply,
+    declared_cases,
+    ehr_stats_site,
+    has_ehr,
+    has_survival_labels,
+    join_site,
+    load_site,
+    privacy_ledger,
+    refuse_large_upload,
+    refuse_outside_limits,
+    run_settings,
+    secure_stage_site,
+    site_case_ids,
+    site_config_path,
+    site_label,
+    site_modes,
+    site_seed,
+)
 from pemma_core import protocol
-from pemma_core.config.run import RunSettings
-from pemma_core.config.site import SiteConfig, load_site_config
+from pemma_core.config.site import SiteConfig
 from pemma_core.model.factory import build_model
 from pemma_core.model.files import (
     AdapterMismatchError,
@@ -48,10 +71,7 @@ from pemma_core.model.files import (
 )
 from pemma_core.model.pemma import MODE_GROUPS, SegmentationModel
 from pemma_core.model.spec import FULL_GROUP, ModelSpec, build_backbone
-from pemma_core.modes import servable_modes
-from pemma_core.phantoms.coordination import ensure_phantom_federation
-from pemma_core.protocol import Instruction, MessageType, Reply
-
+from pemma_core.protocol import Instruction, Reply
 
 log = logging.getLogger("pemma.site")
 
@@ -60,67 +80,7 @@ class BackboneMismatchError(RuntimeError):
     """The site's backbone is not the one the server's adapters belong to."""
 
 
-# ----------------------------------------------------------------------------- site
-
-
-def run_settings(run_config: Mapping[str, Any], run_id: int | None = None) -> RunSettings:
-    """The run's settings as this node reads them (the same parsing and defaults as the server)."""
-    return RunSettings.from_run_config(run_config, run_id=run_id)
-
-
-def site_config_path(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> Path:
-    """The YAML this node serves.
-
-    1. ``node_config["site-config"]`` (a deployed SuperNode: ``--node-config "site-config='...'"``);
-    2. in simulation (``partition-id`` in the node config): entry ``partition-id`` of the
-       comma-separated run config ``site-configs``, or, when that is empty, of the phantom
-       federation in ``federation-dir`` (default ``RUN/federation``), which the first
-       simulated node to get here writes (``phantom-sites``, ``phantom-cases``, ``seed``).
-       The server never writes site data.
-    """
-    if node_config.get("site-config"):
-        return Path(str(node_config["site-config"])).expanduser()
-    if "partition-id" not in node_config:
-        raise ValueError(
-            "this SuperNode has no site: start it with --node-config \"site-config='/path/to/site.yaml'\""
-        )
-    index = int(node_config["partition-id"])
-    settings = run_settings(run_config, run_id)
-    files = settings.site_config_list() or ensure_phantom_federation(
-        settings.resolved_federation_dir(), settings.phantom_sites, settings.phantom_cases, settings.seed
-    )
-    if index >= len(files):
-        raise ValueError(f"simulation node {index} has no site: only {len(files)} site config(s) ({', '.join(map(str, files))})")
-    return files[index]
-
-
-_SITES: dict[str, SiteConfig] = {}
-
-
-def site_label(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> str:
-    """What to call this node's site in an error, even when its YAML does not load: the
-    YAML's ``name`` if it can be read at all, else the file's name."""
-    try:
-        path = site_config_path(node_config, run_config, run_id)
-    except Exception:  # noqa: BLE001 - naming the site must never fail
-        return "site (no site config)"
-    try:
-        import yaml
-
-        name = yaml.safe_load(path.read_text(encoding="utf-8")).get("name")
-        if isinstance(name, str) and name.strip():
-            return f"{name.strip()} ({path.name})"
-    except Exception:  # noqa: BLE001 - an unreadable YAML: its file name says which site
-        pass
-    return f"site config {path.name}"
-
-
-def load_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int | None = None) -> SiteConfig:
-    path = site_config_path(node_config, run_config, run_id)
-    key = str(path.resolve())
-    if key not in _SITES:
-        _SITES[key] = load_site_config(path)
-    return _SITES[key]
+# ----------------------------------------------------------------------------- device and groups
 
 
 def resolve_device(site: SiteConfig) -> str:
@@ -138,77 +98,12 @@ def resolve_device(site: SiteConfig) -> str:
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
-def site_seed(seed: int, round_: int, site: str) -> int:
-    """A site's seed for one round: distinct per site and round, the same on every rerun."""
-    return zlib.crc32(f"{seed}:{round_}:{site}".encode()) & 0x7FFFFFFF
-
-
 def allowed_groups(site: SiteConfig) -> frozenset[str]:
     """Parameter groups this site may send: those its modes train (docs/ARCHITECTURE.md, parameter groups)."""
     groups: set[str] = set()
     for mode in site_modes(site):
         groups |= MODE_GROUPS[mode]
     return frozenset(groups)
-
-
-def site_modes(site: SiteConfig) -> list[str]:
-    return [m for m in site.modes if m in servable_modes(site.modalities)]
-
-
-# ----------------------------------------------------------------------------- joining
-
-
-def declared_cases(site: SiteConfig) -> dict[str, int]:
-    """The site's training cases per modality (``survival``: with survival labels), as it
-    declares them when it joins; the server weights and checks its replies against them."""
-    from pemma_core.data.checks import read_site_clinical
-    from pemma_core.data.pipeline import site_cases
-
-    cases, _ = site_cases(site, "train")
-    counts = {
-        "ct": sum(1 for c in cases if c.ct is not None) if site.has_ct else 0,
-        "pet": sum(1 for c in cases if c.pet is not None) if site.has_pet else 0,
-        "ehr": 0,
-        "survival": 0,
-    }
-    clinical = read_site_clinical(site)
-    if clinical is not None:
-        table = clinical[0]
-        ids = [c.case_id for c in cases if c.case_id in table.index]
-        counts["ehr"] = len(ids) if has_ehr(site) else 0
-        counts["survival"] = len(ids) if has_survival_labels(site) else 0
-    return counts
-
-
-def join_site(site: SiteConfig) -> Reply:
-    """``query.join``: the site's name, its declared training cases per modality and its
-    preprocessing (resampling spacing, CT window, SUV ceiling), which the run records so that
-    the model is applied to data prepared the same way."""
-    preprocessing = protocol.preprocessing_json(site.spacing, site.ct_window, site.pet_suv_max)
-    reply = Reply(metrics=protocol.declared_metrics(declared_cases(site)),
-                  meta={protocol.SITE: site.name, protocol.PREPROCESSING: preprocessing})
-    return check_reply(protocol.JOIN, reply, {}, (1, 1, 1), site)
-
-
-class RequestRefused(ValueError):
-    """The server asked for something outside the site's ``limits:`` (its YAML)."""
-
-
-def refuse_outside_limits(site: SiteConfig, instruction: Instruction) -> None:
-    """Raise :class:`RequestRefused` listing every limit of the site's YAML the request breaks
-    (rank, PET-embedding kind, batch size x local steps)."""
-    refusals = site.limits.refusals(rank=instruction.spec.rank, pet_embed=instruction.spec.pet_embed,
-                                    phase=str(instruction.phase), local_steps=instruction.local_steps,
-                                    batch_size=instruction.batch_size, source=site.path)
-    if refusals:
-        raise RequestRefused(f"site {site.name} refuses this request: " + "; ".join(refusals))
-
-
-def refuse_large_upload(site: SiteConfig, out: Mapping[str, np.ndarray]) -> None:
-    """Raise :class:`RequestRefused` if ``out`` is more than the site's ``limits.max_upload_mb``."""
-    refusal = site.limits.upload_refusal(protocol.payload_bytes(out), source=site.path)
-    if refusal:
-        raise RequestRefused(f"site {site.name} refuses to send this update: {refusal}")
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -510,30 +405,6 @@ def pretrain_site(site: SiteConfig, instruction: Instruction, arrays: Mapping[st
     return check_reply(kind, Reply(out, metrics, protocol.reply_meta(site.name)), arrays, spec.roi_size, site)
 
 
-def has_survival_labels(site: SiteConfig) -> bool:
-    return site.clinical is not None and site.clinical.time is not None and site.clinical.event is not None
-
-
-def has_ehr(site: SiteConfig) -> bool:
-    return "ehr" in site.modalities and site.clinical is not None and bool(site.clinical.covariates)
-
-
-def ehr_stats_site(site: SiteConfig) -> Reply:
-    """``query.ehr_stats``: the aggregates of the site's EHR training rows
-    (:func:`pemma_core.data.clinical.partial_stats`), only from at least
-    ``limits.min_ehr_rows`` rows per covariate (below it the reply says what it withheld);
-    a site without EHR answers with its name only."""
-    from pemma_core.training.prognosis import site_ehr_stats
-
-    stats, withheld = None, None
-    if has_ehr(site):
-        found, note = site_ehr_stats(site, min_rows=site.limits.min_ehr_rows)
-        stats = json.dumps(found, sort_keys=True) if found is not None else None
-        withheld = note if found is None else None
-    reply = Reply(meta=protocol.reply_meta(site.name, ehr_stats=stats, withheld=withheld))
-    return check_reply(protocol.EHR_STATS, reply, {}, (1, 1, 1), site)
-
-
 def prognosis_site(
     site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
 ) -> Reply:
@@ -610,34 +481,7 @@ def prognosis_site(
     return check_reply(kind, Reply(out, metrics, meta), arrays, model.roi_size, site)
 
 
-def site_case_ids(site: SiteConfig) -> list[str]:
-    """Every case id in the site's manifest (usable or not): none may appear in a reply."""
-    from pemma_core.data.manifest import read_manifest
-
-    return [case.case_id for case in read_manifest(site)[0]]
-
-
-def check_reply(
-    kind: MessageType, reply: Reply, received: Mapping[str, Any], roi_size: tuple[int, int, int], site: SiteConfig
-) -> Reply:
-    """The client-side wire check: ``reply`` if it holds only what a reply of ``kind`` may
-    (:func:`pemma_core.protocol.check_reply`, the site's case ids searched for in every
-    metric name and config value); else :class:`~pemma_core.protocol.WireViolation`."""
-    protocol.check_reply(kind, reply, received.keys(), roi_size, site_case_ids(site), where=f"reply of site {site.name}")
-    return reply
-
-
 # ----------------------------------------------------------------------------- secure aggregation
-
-
-def secure_stage_site(site: SiteConfig, stage: MessageType, config: Mapping[str, Any], state: Any) -> Reply:
-    """This site's answer to a stage of secure aggregation (:mod:`client.secure_aggregation`);
-    ``state`` is the node's Flower ``context.state``, where the round's keys stay between stages."""
-    from client import secure_aggregation
-
-    seed = site_seed(0, int(json.loads(str(config.get(protocol.SECAGG, "{}"))).get("round", 0)), site.name)
-    answer = secure_aggregation.answer_stage(stage.action, config, state, seed)
-    return Reply({}, {}, {protocol.SITE: site.name, protocol.SECAGG: json.dumps(answer)})
 
 
 def _groups_of(spec: ModelSpec, phase: str, names: frozenset[str]) -> dict[str, str]:
@@ -670,13 +514,3 @@ def masked_reply(site: SiteConfig, instruction: Instruction, arrays: Mapping[str
                                                      groups, counts, caps)
     metrics = {**reply.metrics, "bytes-up": protocol.payload_bytes(masked), "secure-clipped": int(clipped)}
     return Reply(masked, metrics, dict(reply.meta))
-
-
-# ----------------------------------------------------------------------------- differential privacy
-
-
-def privacy_ledger(site: SiteConfig):
-    """The site's own record of the DP steps it has taken, per run (``cache_dir/privacy-ledger.json``)."""
-    from pemma_core.privacy import PrivacyLedger
-
-    return PrivacyLedger(Path(site.cache_dir) / "privacy-ledger.json")

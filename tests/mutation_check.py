@@ -61,7 +61,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              '        check_same_spec(run, previous.get("model_spec"), settings.model_spec())', "        pass",
              (f"{FED}::test_resume_with_another_model_spec_is_refused",)),
     # --- further realistic bugs -----------------------------------------------------------
-    Mutation("client searches its reply for no case id", "client/task.py",
+    Mutation("client searches its reply for no case id", "client/site_work.py",
              "roi_size, site_case_ids(site), where=", "roi_size, (), where=",
              ("tests/test_client_app.py::test_every_reply_is_searched_for_the_sites_case_ids",)),
     Mutation("aggregation ignores the example counts", "pemma_core/aggregation.py",

@@ -57,8 +57,10 @@ ROGUE = "rogue"
 ROUNDS = 2
 # Everything the run needs, on 2 shared CPU cores: tiny model, no CT pretraining, one
 # optimiser step per round, no federated evaluation. Each message a SuperNode receives
-# starts a fresh ClientApp process (importing torch + MONAI: seconds), which is what a
-# round costs here; evaluation would add one more per site and round.
+# starts a fresh ClientApp process: the train message (and, once per run, query.join and
+# query.install_backbone) imports torch + MONAI (seconds), which is what a round costs here;
+# the four secure-aggregation stages of a round import neither (about a second each).
+# Evaluation would add one more torch message per site and round.
 RUN_CONFIG = {
     "preset": "tiny",
     "num-server-rounds": ROUNDS,
@@ -67,7 +69,7 @@ RUN_CONFIG = {
     "batch-size": 1,
     "min-sites": 2,  # round 2 completes without the hospital that vanishes in it
     # A stage waits this long for a node that vanished (the SuperLink does not know it is gone).
-    # Each message starts a fresh ClientApp process (imports, model, data, a DP step): 45 s let
+    # A train message starts a fresh ClientApp process (imports, model, data, a DP step): 45 s let
     # live sites time out in round 1 on a loaded 2-core machine, so the victim never got to round 2.
     "round-timeout": 90.0,
     "evaluate": False,

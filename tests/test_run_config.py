@@ -149,7 +149,7 @@ def test_one_default_changed_in_the_model_changes_every_reader(
 def test_the_client_builds_the_phantom_federation_from_the_model(
     patch_default: Callable[[str, Any], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from client import task
+    from client import site_work as task
 
     patch_default("phantom_cases", 2)
     calls: list[tuple[Any, ...]] = []

@@ -8,8 +8,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-from pemma_core.phantoms.writer import federation_site_files, make_federation
-
 __all__ = ["ensure_phantom_federation"]
 
 log = logging.getLogger("pemma.phantoms")
@@ -25,6 +23,10 @@ def ensure_phantom_federation(folder: str | Path, n_sites: int = 3, cases_per_si
     The federation is written into a temporary sibling folder and renamed into place, so
     simulated nodes starting together write it at most once each and read one whole copy.
     """
+    # Here, not at the top: a deployed site's ClientApp imports this module on every message and
+    # never writes phantoms (the writer pulls scipy, nibabel and pandas).
+    from pemma_core.phantoms.writer import federation_site_files, make_federation
+
     folder = Path(folder).expanduser().resolve()
     if not (folder / "federation.yaml").is_file():
         log.info("generating a phantom federation of %d sites (%d cases each) into %s", n_sites, cases_per_site, folder)
