@@ -544,3 +544,22 @@ def test_check_site_without_survival_columns_still_matches_ids(copy_phantom_site
     assert report["site_problems"] == []
     warned = {c["case_id"] for c in report["cases"] if any("no usable row" in w for w in c["warnings"])}
     assert warned == {"site-3-002"}
+
+
+def test_many_case_warnings_are_summarised_once(copy_phantom_site, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site whose every case has a warning shows the first few in full and counts the rest, once."""
+    from pemma_core.data import pipeline
+    from pemma_core.data.manifest import CaseProblem
+
+    cfg = private_cfg(copy_phantom_site(1), tmp_path)
+    monkeypatch.setattr(pipeline, "cached_inspect",
+                        lambda case, cfg: [CaseProblem(case.case_id, None, "PET field of view short", "warning")])
+    with caplog.at_level(logging.WARNING, logger="pemma.data"):
+        cases, _ = site_cases(cfg)
+        site_cases(cfg)  # loaders list the cases every round: nothing more is said
+    lines = [r.getMessage() for r in caplog.records]
+    shown = pipeline.CASE_WARNINGS_SHOWN
+    assert len(cases) == shown + 1 and len(lines) == shown + 1
+    assert all("PET field of view short" in line for line in lines[:shown])
+    assert f"site {cfg.name}: 1 more case warning(s); `pemma check-site {cfg.path}` lists every one" == lines[-1]

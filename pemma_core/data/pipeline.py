@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,7 +102,16 @@ class Preprocessing:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# MONAI's LoadImage builds every reader it knows, the DICOM one included, which warns at each
+# construction when the optional nvImageCodec GPU decoder is absent. pemma's loaders read NIfTI only
+# (DICOM is converted first, with pydicom), so the warning says nothing here but came once per loader.
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
 _ALREADY_LOGGED: set[str] = set()
+# Case warnings logged in full per site and call of site_cases; the rest are counted in one line
+# (a site whose every PET is a little short of the CT would otherwise fill the first screen).
+CASE_WARNINGS_SHOWN = 3
 
 
 def _warn_once(cfg: SiteConfig, message: str) -> None:
@@ -110,6 +120,18 @@ def _warn_once(cfg: SiteConfig, message: str) -> None:
     if text not in _ALREADY_LOGGED:
         _ALREADY_LOGGED.add(text)
         log.warning("%s", text)
+
+
+def _warn_cases(cfg: SiteConfig, messages: Sequence[str]) -> None:
+    """The case warnings of one :func:`site_cases` call: the first few in full, then their count
+    and where to read them all (each only once per process)."""
+    new = [m for m in dict.fromkeys(messages) if f"site {cfg.name}: {m}" not in _ALREADY_LOGGED]
+    for message in new[:CASE_WARNINGS_SHOWN]:
+        _warn_once(cfg, message)
+    if len(new) > CASE_WARNINGS_SHOWN:
+        _ALREADY_LOGGED.update(f"site {cfg.name}: {m}" for m in new[CASE_WARNINGS_SHOWN:])
+        log.warning("site %s: %d more case warning(s); `pemma check-site %s` lists every one", cfg.name,
+                    len(new) - CASE_WARNINGS_SHOWN, cfg.path)
 
 
 def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], list[CaseProblem]]:
@@ -136,12 +158,12 @@ def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], l
     for warning in (p for p in manifest_problems if p.severity == "warning"):
         _warn_once(cfg, str(warning))
     usable: list[Case] = []
+    case_warnings: list[str] = []
     for case in cases:
         if split is not None and case.split != split:
             continue
         found = cached_inspect(case, cfg)
-        for warning in (p for p in found if p.severity == "warning"):
-            _warn_once(cfg, str(warning))
+        case_warnings += [str(p) for p in found if p.severity == "warning"]
         case_errors = [p for p in found if p.severity == "error"]
         if not case_errors:
             try:  # DICOM sources -> their NIfTI conversion in the cache (done once, by the checks above)
@@ -152,6 +174,7 @@ def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], l
             errors += case_errors
         else:
             usable.append(case)
+    _warn_cases(cfg, case_warnings)
     if errors and cfg.on_bad_case == "fail":
         listing = "\n  ".join(str(p) for p in errors)
         raise BadCaseError(f"site {cfg.name}: {len(errors)} problem(s) and on_bad_case is 'fail':\n  {listing}")

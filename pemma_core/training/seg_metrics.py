@@ -43,6 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
+# MONAI passes its own deprecated argument to get_mask_edges inside these metrics. A filter for that one
+# message, set once: catch_warnings() around the call is not thread-safe, and sites evaluate in threads.
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+
 __all__ = [
     "NSD_TOLERANCE_MM",
     "CaseMetrics",
@@ -106,10 +110,8 @@ def _surface_scores(p: torch.Tensor, g: torch.Tensor, spacing: Sequence[float] |
     pred = torch.stack([~p, p])[None].float()
     label = torch.stack([~g, g])[None].float()
     space = None if spacing is None else [list(map(float, spacing))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
-        hd = float(compute_hausdorff_distance(pred, label, percentile=95, spacing=space)[0, 0])
-        nsd = float(compute_surface_dice(pred, label, class_thresholds=[float(tolerance)], spacing=space)[0, 0])
+    hd = float(compute_hausdorff_distance(pred, label, percentile=95, spacing=space)[0, 0])
+    nsd = float(compute_surface_dice(pred, label, class_thresholds=[float(tolerance)], spacing=space)[0, 0])
     return (hd if math.isfinite(hd) else None), (nsd if math.isfinite(nsd) else 0.0)
 
 
