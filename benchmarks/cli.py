@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "alignment audit of the named quirk cases only")
     parser.add_argument("--budget", choices=("standard", "long"), default="standard",
                         help="standard (default): UNETR rows 36 steps, Swin UNETR 12, one seed; long: 144 and 24 "
-                             "steps, 3 seeds (hours on CPU: start it in the background)")
+                             "steps, 3 seeds, the federated row also under the naive low-rank rule (hours on CPU: "
+                             "start it in the background; --resume continues it if stopped)")
     parser.add_argument("--seeds", type=int,
                         help="train every row (not the CT backbone) at this many seeds, --seed, --seed + 1, ... "
                              "(default 1; --budget long: 3); Dice is the seed mean, targets' intervals cover seeds "

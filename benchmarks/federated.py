@@ -39,8 +39,9 @@ from simulation.simulate import simulate
 __all__ = ["run_federated"]
 
 
-def _settings(bench: BackboneBench, run_dir: Path, seed: int) -> RunSettings:
-    """The run's settings: adapt the bench's backbone with its budget, ``seed`` and adapter rate."""
+def _settings(bench: BackboneBench, run_dir: Path, seed: int, lora_aggregation: str | None = None) -> RunSettings:
+    """The run's settings: adapt the bench's backbone with its budget, ``seed`` and adapter rate
+    (``lora_aggregation``: the low-rank rule, default the bench's)."""
     config = bench.config
     return RunSettings(
         run_dir=str(run_dir), site_configs=",".join(str(p) for p in bench.sites.federation),
@@ -49,7 +50,7 @@ def _settings(bench: BackboneBench, run_dir: Path, seed: int) -> RunSettings:
         batch_size=config.batch_size, pretrain_rounds=0, backbone_file=str(bench.backbone_file),
         seed=seed, min_sites=2, evaluate=False, aggregation=config.fed_aggregation, wire_dtype=config.fed_wire_dtype,
         secure_aggregation=config.fed_secure, dp_target_epsilon=config.fed_dp_epsilon,
-        lora_aggregation=config.fed_lora_aggregation,
+        lora_aggregation=lora_aggregation or config.fed_lora_aggregation,
         prognosis_rounds=0,  # segmentation only: no survival phase in this benchmark
     )
 
@@ -122,16 +123,19 @@ def _evaluate_rounds(bench: BackboneBench, run: RunDir,
     return records, final, final_model
 
 
-def run_federated(bench: BackboneBench, seed: int | None = None) -> dict[str, Any]:
+def run_federated(bench: BackboneBench, seed: int | None = None, lora_aggregation: str | None = None) -> dict[str, Any]:
     """The ``pemma-lora-fed`` row of ``bench``'s backbone (its CT backbone trained first),
-    trained with ``seed`` (default the bench's)."""
+    trained with ``seed`` (default the bench's); with ``lora_aggregation`` the row
+    ``pemma-lora-fed-<rule>`` of that low-rank rule instead of the bench's."""
     assert bench.backbone is not None, "train the backbone first"
     config = bench.config
     seed = config.seed if seed is None else seed
-    run_dir = config.out / "runs" / (f"fed-{bench.name}" + (f"-seed{seed}" if len(config.seeds) > 1 else ""))
+    row_id = "pemma-lora-fed" + (f"-{lora_aggregation}" if lora_aggregation else "")
+    run_dir = config.out / "runs" / (row_id.replace("pemma-lora-", "") + f"-{bench.name}"
+                                     + (f"-seed{seed}" if len(config.seeds) > 1 else ""))
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    settings = _settings(bench, run_dir, seed)
+    settings = _settings(bench, run_dir, seed, lora_aggregation)
     _check_site_limits(settings)
     bench.say(f"PEMMA-LoRA federated: {settings.rounds} rounds x 3 sites x {settings.local_steps} steps "
               f"through Flower ({config.fed_engine}), aggregation {settings.aggregation}, "
@@ -157,7 +161,7 @@ def run_federated(bench: BackboneBench, seed: int | None = None) -> dict[str, An
     memory = step_peak_memory(final_model, bench.memory_batch("pooled_ctpet"), "ctpet", config.device)
     memory["peak_memory_method"] += " (the federated model, measured outside Flower on a CT+PET batch)"
     return {
-        "row": "pemma-lora-fed", "label": ROW_LABELS["pemma-lora-fed"], "backbone": bench.name, "kind": "pemma",
+        "row": row_id, "label": ROW_LABELS[row_id], "backbone": bench.name, "kind": "pemma",
         "adapter": "lora", "engine": config.fed_engine, "aggregation": settings.aggregation,
         "lora_aggregation": settings.lora_aggregation_rule,
         "secure_aggregation": settings.secure_aggregation,

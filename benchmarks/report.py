@@ -238,21 +238,24 @@ def _forgetting(results: Mapping[str, Any]) -> list[str]:
 def _federated(results: Mapping[str, Any], plots_link: str) -> list[str]:
     """The federated row per backbone: bytes per site, overhead, Dice per round, its plot."""
     lines: list[str] = ["## Federated row", ""]
-    for name, entry in results.get("backbones", {}).items():
-        fed = rows_by_id(entry).get("pemma-lora-fed")
-        if not fed:
-            continue
+    feds = [(name, fed) for name, entry in results.get("backbones", {}).items()
+            for key, fed in rows_by_id(entry).items() if key.startswith("pemma-lora-fed")]
+    for name, fed in feds:
         per_site = ", ".join(f"{k} {byte_size(v)}" for k, v in fed.get("bytes_up_per_site", {}).items())
         oh = fed.get("overhead", {})
-        lines += [f"**{name}**: run folder `{fed['run_dir']}`; bytes up per round per site: {per_site} "
+        lines += [f"**{name}, {fed['label']}** (low-rank rule {fed.get('lora_aggregation') or '-'}): run folder "
+                  f"`{fed['run_dir']}`; bytes up per round per site: {per_site} "
                   "(site-a trains only the shared and CT groups, so it sends less).",
                   f"Time outside local training: {100 * oh.get('overhead_share', float('nan')):.0f}% of the rounds' train "
                   f"wall time ({format_value(oh.get('train_wall_seconds'), 1)} s; site setup {format_value(oh.get('site_setup_seconds'), 1)} s). "
                   + (f"Site problems: {'; '.join(fed['sites_failed'])}." if fed.get("sites_failed") else "Every site reply was accepted.")
                   + _robust_text(fed),
-                  "", "| round | " + " | ".join(MODES) + " |", "|---|---|---|---|"]
+                  "", "| round | " + " | ".join(MODES) + " | naive rule's relative error per group |",
+                  "|---|---|---|---|---|"]
         for r in fed["per_round"]:
-            lines.append(f"| {r['round']} | " + " | ".join(format_value(r["dice"].get(m)) for m in MODES) + " |")
+            errors = ", ".join(f"{g} {v:.3g}" for g, v in sorted((r.get("lora_naive_error") or {}).items())) or "-"
+            lines.append(f"| {r['round']} | " + " | ".join(format_value(r["dice"].get(m)) for m in MODES)
+                         + f" | {errors} |")
         plot = results.get("plots", {}).get(f"federated-dice-{name}")
         if plot:
             lines += ["", f"![federated Dice per round, {name}]({plots_link}/{Path(plot).name})"]

@@ -61,6 +61,7 @@ ROW_LABELS = {
     "pemma-lora": "PEMMA-LoRA centralized",
     "pemma-dora": "PEMMA-DoRA centralized",
     "pemma-lora-fed": "PEMMA-LoRA federated",
+    "pemma-lora-fed-naive": "PEMMA-LoRA federated, naive low-rank aggregation",
     "cnn-early-fusion": "CNN early fusion (SegResNet)",
 }
 TRAIN_DATA = {

@@ -41,7 +41,14 @@ from benchmarks.targets import targets
 from pemma_core import console
 from pemma_core.model.spec import ModelSpec
 
-__all__ = ["Progress", "environment", "run_bench"]
+__all__ = ["Progress", "compared_lora_rules", "environment", "run_bench"]
+
+
+def compared_lora_rules(config: BenchConfig) -> list[str]:
+    """The low-rank rules of the extra federated rows: the long budget trains the federated row
+    under the naive rule too, beside the default's exact one, so both rules' Dice (and the naive
+    rule's error per round, which every run records) come from the same backbone and seeds."""
+    return ["naive"] if config.mode == "long" and config.fed_lora_aggregation != "naive" else []
 
 
 class Progress:
@@ -173,6 +180,13 @@ class _Run:
             if row is not None:
                 entry["rows"].append(row)
             self.save()
+        for rule in compared_lora_rules(config):
+            if f"pemma-lora-fed-{rule}" not in done:
+                row = self.guarded(f"{name} pemma-lora-fed-{rule}", over_seeds, config.seeds,
+                                   partial(run_federated, bench, lora_aggregation=rule))
+                if row is not None:
+                    entry["rows"].append(row)
+                self.save()
         if "speed" in entry:  # the timings below are saved together: a resumed run had them all
             return
 

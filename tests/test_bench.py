@@ -363,3 +363,36 @@ def test_bench_site_copies_keep_the_ibsi_limits_and_the_rule_option(tmp_path):
     assert config.fed_aggregation == "trimmed-mean" and config.to_json()["fed_aggregation"] == "trimmed-mean"
     with pytest.raises(SystemExit):
         parser.parse_args(["--fed-aggregation", "mode"])
+
+
+def test_the_long_budget_also_trains_the_federated_row_under_the_naive_rule():
+    import argparse
+
+    from benchmarks.cli import add_arguments
+    from benchmarks.config import config_from_args
+    from benchmarks.runner import compared_lora_rules
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rules = lambda *argv: compared_lora_rules(config_from_args(parser.parse_args(list(argv))))  # noqa: E731
+    assert rules("--budget", "long") == ["naive"]
+    assert rules("--budget", "long", "--fed-lora-aggregation", "naive") == []  # the federated row is the naive one
+    assert rules() == [] and rules("--quick") == []
+
+
+def test_the_report_shows_each_federated_rule_with_the_naive_error_per_round(bench_run, tmp_path):
+    from benchmarks.report import write_markdown
+
+    _, finished = bench_run
+    results = json.loads(json.dumps(finished))
+    rows = results["backbones"]["unetr"]["rows"]
+    fed = next(r for r in rows if r["row"] == "pemma-lora-fed")
+    rows.append({**fed, "row": "pemma-lora-fed-naive", "label": "PEMMA-LoRA federated, naive low-rank aggregation",
+                 "lora_aggregation": "naive"})
+    write_markdown(results, tmp_path / "BENCHMARKS.md")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    federated = text[text.index("## Federated row"):]
+    assert "**unetr, PEMMA-LoRA federated** (low-rank rule exact)" in federated
+    assert "**unetr, PEMMA-LoRA federated, naive low-rank aggregation** (low-rank rule naive)" in federated
+    errors = fed["per_round"][0]["lora_naive_error"]
+    assert errors and all(f"{g} {v:.3g}" in federated for g, v in errors.items())
