@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.measure import make_step, profiled_step_peak
 from pemma_core.model import layers
 from pemma_core.model.factory import build_model
 from pemma_core.model.layers import InputFreeConv3d, LeanUnetResBlock, Recomputed, free_frozen_conv_inputs
@@ -18,6 +20,9 @@ from pemma_core.model.spec import ModelSpec, build_backbone
 from pemma_core.modes import MODES
 
 BACKBONES = ("unetr", "swin-unetr")
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +151,30 @@ def test_spec_round_trip_and_old_json():
         ModelSpec(kind="early-fusion", checkpointing=True)
 
 
-def test_checkpointing_lowers_the_peak_tensor_bytes_of_a_training_step(backbones):
-    torch.manual_seed(0)
-    batch = {"image": torch.randn(2, 2, 32, 32, 32), "label": (torch.rand(2, 1, 32, 32, 32) > 0.9).float()}
-    peaks = {}
-    for ck in (False, True):
-        model = build_model(ModelSpec(backbone="unetr", preset="tiny", checkpointing=ck), backbones["unetr"])
-        step = make_step(model, batch, "ctpet", torch.device("cpu"))
-        step()  # optimiser state and allocator warm
-        peaks[ck] = profiled_step_peak(step)
-    # 0.62x when this test runs alone, 0.84x after the rest of the suite in one process (what the
-    # profiler counts depends on what ran before); the measured ratios are benchmarks/memory.py's.
-    assert peaks[True] < 0.9 * peaks[False], peaks
+# Measured in a fresh interpreter: in the suite's process what the profiler counts depends on what ran
+# before (0.62x alone, 0.84x and later 0.93x after the rest of the suite).
+_PEAKS = """
+import json, torch
+from benchmarks.measure import make_step, profiled_step_peak
+from pemma_core.model.factory import build_model
+from pemma_core.model.spec import ModelSpec, build_backbone
+
+torch.manual_seed(0)
+backbone = build_backbone(ModelSpec(backbone="unetr", preset="tiny"))
+batch = {"image": torch.randn(2, 2, 32, 32, 32), "label": (torch.rand(2, 1, 32, 32, 32) > 0.9).float()}
+peaks = {}
+for ck in (False, True):
+    model = build_model(ModelSpec(backbone="unetr", preset="tiny", checkpointing=ck), backbone)
+    step = make_step(model, batch, "ctpet", torch.device("cpu"))
+    step()  # optimiser state and allocator warm
+    peaks[str(ck)] = profiled_step_peak(step)
+print(json.dumps(peaks))
+"""
+
+
+def test_checkpointing_lowers_the_peak_tensor_bytes_of_a_training_step():
+    done = subprocess.run([sys.executable, "-c", _PEAKS], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    # The measured ratios (at the small preset too) are benchmarks/memory.py's.
+    assert peaks["True"] < 0.8 * peaks["False"], peaks

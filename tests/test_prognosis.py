@@ -174,8 +174,8 @@ def test_site_ehr_stats_privacy_floor(tmp_path):
     from pemma_core.phantoms.writer import make_federation
     from pemma_core.training.prognosis import site_ehr_stats
 
-    # one CT+PET+EHR site with exactly MIN_EHR_ROWS training cases
-    federation = make_federation(tmp_path / "fed", n_sites=1, cases_per_site=13, seed=0, test_cases=0,
+    # one CT+PET+EHR site with exactly MIN_EHR_ROWS training cases (15: a third held out)
+    federation = make_federation(tmp_path / "fed", n_sites=1, cases_per_site=15, seed=0, test_cases=0,
                                  modalities=[["ct", "pet", "ehr"]])
     yaml_path = federation.site_yamls[0]
     train = [c.case_id for c in site_cases(load_site_config(yaml_path), "train")[0]]
