@@ -96,7 +96,7 @@ def _setup(results: Mapping[str, Any]) -> list[str]:
         + (f"seeds {', '.join(map(str, config['seeds']))} (every row trained once per seed from the one CT backbone "
            "of seed " + str(config['seed']) + "; Dice is the seed mean, ± its standard deviation across seeds)"
            if len(config.get("seeds", [config["seed"]])) > 1 else f"seed {config['seed']}")
-        + "; AdamW; loss DiceCE; "
+        + f"; AdamW; loss {env.get('loss', 'DiceCE')}; "
         f"learning rates: CT backbone and CNN {config['lr_backbone']}, full fine-tuning {config['lr_full']}, "
         f"PEMMA adapters {config['lr_adapter']}. PEMMA: rank 8, alpha 16, LoRA/DoRA on attention qkv + output "
         "projection, a shared LoRA trained by CT steps and a PET LoRA by the PET-reading modes; one mode per batch "

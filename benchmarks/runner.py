@@ -40,6 +40,7 @@ from benchmarks.sites import BenchSites, alignment_audit, first_batch, load_test
 from benchmarks.targets import targets
 from pemma_core import console
 from pemma_core.model.spec import ModelSpec
+from pemma_core.training.local import SEGMENTATION_LOSS
 
 __all__ = ["Progress", "compared_lora_rules", "environment", "run_bench"]
 
@@ -70,6 +71,7 @@ def environment(config: BenchConfig) -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else None,
         "load_average_start": list(os.getloadavg()),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loss": SEGMENTATION_LOSS,  # runs before it wrote none: "DiceCE" with the background channel
     }
 
 

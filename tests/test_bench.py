@@ -180,6 +180,7 @@ def test_markdown_and_plots(bench_run):
     for row in result["backbones"]["unetr"]["rows"]:
         assert row["label"] in text
     assert "Custom run" in text and "Not run here" in text
+    assert "loss cross-entropy + soft Dice of the tumour channel" in text
     for path in result["plots"].values():
         assert Path(path).is_file() and Path(path).stat().st_size > 1000
         assert f"(plots/{Path(path).name})" in text

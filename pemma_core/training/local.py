@@ -33,6 +33,7 @@ from pemma_core.privacy import DpPlan
 from pemma_core.training.seg_metrics import NSD_TOLERANCE_MM, CaseMetrics, case_metrics, mean_defined, pooled_dice, spacing_of_affine
 
 __all__ = [
+    "SEGMENTATION_LOSS",
     "EvalResult",
     "TrainResult",
     "autocast",
@@ -101,6 +102,9 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+SEGMENTATION_LOSS = "cross-entropy + soft Dice of the tumour channel (background left out of the Dice term)"
 
 
 def segmentation_loss() -> DiceCELoss:
