@@ -21,7 +21,7 @@ the time on a deployed SuperNode, which starts a fresh ClientApp process per mes
 
 The site's work without the model (which site, its limits, ``query.join``,
 ``query.ehr_stats``, the reply check, the secure-aggregation stages) is in
-:mod:`client.site_work`; its names are also importable from here.
+:mod:`client.site_work`.
 """
 
 from __future__ import annotations
@@ -38,23 +38,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.site_work import (  # noqa: F401 - the site's work without its model, still importable from here
-    RequestRefused,
+from client.site_work import (
     check_reply,
     declared_cases,
-    ehr_stats_site,
     has_ehr,
     has_survival_labels,
-    join_site,
-    load_site,
     privacy_ledger,
     refuse_large_upload,
     refuse_outside_limits,
-    run_settings,
-    secure_stage_site,
-    site_case_ids,
-    site_config_path,
-    site_label,
     site_modes,
     site_seed,
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from client import task
+from client import site_work, task
 from pemma_core.config.site import load_site_config
 from pemma_core.model.files import backbone_fingerprint, save_backbone
 from pemma_core.model.spec import ModelSpec, build_backbone
@@ -23,28 +23,28 @@ def site_yaml(tmp_path: Path) -> Path:
 
 
 def test_site_config_from_node_config_or_partition(tmp_path: Path, site_yaml: Path) -> None:
-    assert task.site_config_path({"site-config": str(site_yaml)}, {}) == site_yaml
+    assert site_work.site_config_path({"site-config": str(site_yaml)}, {}) == site_yaml
     other = tmp_path / "other.yaml"
     listed = {"site-configs": f"{site_yaml}, {other}"}
-    assert task.site_config_path({"partition-id": 1, "num-partitions": 2}, listed) == other
+    assert site_work.site_config_path({"partition-id": 1, "num-partitions": 2}, listed) == other
     with pytest.raises(ValueError, match="only 2 site config"):
-        task.site_config_path({"partition-id": 2}, listed)
+        site_work.site_config_path({"partition-id": 2}, listed)
     with pytest.raises(ValueError, match="site-config"):
-        task.site_config_path({}, {})
+        site_work.site_config_path({}, {})
 
 
 def test_a_simulated_node_without_site_configs_serves_the_phantom_federation(tmp_path: Path) -> None:
     run_config = {"site-configs": "", "federation-dir": str(tmp_path / "fed"), "phantom-sites": 2, "phantom-cases": 1, "seed": 0}
-    second = task.site_config_path({"partition-id": 1, "num-partitions": 2}, run_config)  # the first node writes it
+    second = site_work.site_config_path({"partition-id": 1, "num-partitions": 2}, run_config)  # the first node writes it
     assert second == (tmp_path / "fed" / "site-2" / "site.yaml").resolve() and second.is_file()
-    assert task.site_config_path({"partition-id": 0, "num-partitions": 2}, run_config).parent.name == "site-1"
+    assert site_work.site_config_path({"partition-id": 0, "num-partitions": 2}, run_config).parent.name == "site-1"
     with pytest.raises(ValueError, match="only 2 site config"):
-        task.site_config_path({"partition-id": 2}, run_config)
+        site_work.site_config_path({"partition-id": 2}, run_config)
 
 
 def test_ct_only_site_may_send_only_shared_and_ct(site_yaml: Path) -> None:
     site = load_site_config(site_yaml)
-    assert task.site_modes(site) == ["ct"]
+    assert site_work.site_modes(site) == ["ct"]
     assert task.allowed_groups(site) == {"shared", "ct"}
 
 
@@ -79,13 +79,13 @@ def test_every_reply_is_searched_for_the_sites_case_ids(tmp_path: Path, site_yam
     """The client-side check knows the site's case ids (its manifest), for every kind of reply."""
     (tmp_path / "manifest.csv").write_text("case_id,split,label,ct\ncase-007,train,l.nii.gz,c.nii.gz\n")
     site = load_site_config(site_yaml)
-    assert task.site_case_ids(site) == ["case-007"]
+    assert site_work.site_case_ids(site) == ["case-007"]
     roi = ModelSpec().roi_size
     clean = Reply({}, {"loss": 0.1}, reply_meta(site.name, "f00d"))
-    assert task.check_reply(TRAIN["adapt"], clean, {}, roi, site) is clean
+    assert site_work.check_reply(TRAIN["adapt"], clean, {}, roi, site) is clean
     for kind in (TRAIN["pretrain-ct"], TRAIN["adapt"], TRAIN["prognosis"], EVALUATE, EHR_STATS):
         with pytest.raises(WireViolation, match="case id \\('case-007'\\)"):
-            task.check_reply(kind, Reply({}, {}, reply_meta(site.name, "f00d-case-007")), {}, roi, site)
+            site_work.check_reply(kind, Reply({}, {}, reply_meta(site.name, "f00d-case-007")), {}, roi, site)
 
 
 def _with_limits(site_yaml: Path, **limits: object) -> Path:
@@ -115,11 +115,11 @@ def _instruction(phase: str = "adapt", **changes: object):
 )
 def test_a_site_refuses_requests_outside_its_limits(site_yaml: Path, changes: dict, limit: str) -> None:
     site = load_site_config(site_yaml)
-    task.refuse_outside_limits(site, _instruction())  # the default run is within the default limits
-    with pytest.raises(task.RequestRefused, match=f"site-a refuses this request: .*{limit} in {site_yaml}"):
-        task.refuse_outside_limits(site, _instruction(**changes))
-    with pytest.raises(task.RequestRefused, match="limits.max_upload_mb"):
-        task.refuse_large_upload(site, {"w": np.zeros((65, 1024, 256), np.float32)})  # 65 MiB
+    site_work.refuse_outside_limits(site, _instruction())  # the default run is within the default limits
+    with pytest.raises(site_work.RequestRefused, match=f"site-a refuses this request: .*{limit} in {site_yaml}"):
+        site_work.refuse_outside_limits(site, _instruction(**changes))
+    with pytest.raises(site_work.RequestRefused, match="limits.max_upload_mb"):
+        site_work.refuse_large_upload(site, {"w": np.zeros((65, 1024, 256), np.float32)})  # 65 MiB
 
 
 def test_dice_over_fewer_test_cases_than_the_floor_is_withheld(phantom_federation) -> None:
@@ -151,9 +151,9 @@ def test_dice_over_fewer_test_cases_than_the_floor_is_withheld(phantom_federatio
 
 def test_ehr_statistics_below_the_floor_are_withheld(phantom_federation) -> None:
     source = phantom_federation.site_yamls[2]  # CT+PET+EHR, 3 training rows
-    sent = task.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=1)))
+    sent = site_work.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=1)))
     assert "ehr-stats" in sent.meta and "withheld" not in sent.meta
-    withheld = task.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=10)))
+    withheld = site_work.ehr_stats_site(load_site_config(_with_limits(source, min_ehr_rows=10)))
     assert "ehr-stats" not in withheld.meta and "fewer than min_ehr_rows 10" in withheld.meta["withheld"]
 
 

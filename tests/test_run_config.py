@@ -132,12 +132,12 @@ def bench_config(tmp_path: Path) -> Any:
 def test_one_default_changed_in_the_model_changes_every_reader(
     name: str, value: Any, patch_default: Callable[[str, Any], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from client import task
+    from client import site_work
 
     patch_default(name, value)
     assert getattr(RunSettings(), name) == value
     assert getattr(server_settings(monkeypatch), name) == value
-    assert getattr(task.run_settings({}), name) == value
+    assert getattr(site_work.run_settings({}), name) == value
     assert getattr(simulate_settings(tmp_path), name) == value
     # The benchmark takes the adapt rate, batch size and seed of the product; its step
     # budgets (rounds x local steps) are its own, by design (BENCHMARKS.md).
@@ -149,16 +149,16 @@ def test_one_default_changed_in_the_model_changes_every_reader(
 def test_the_client_builds_the_phantom_federation_from_the_model(
     patch_default: Callable[[str, Any], None], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from client import site_work as task
+    from client import site_work
 
     patch_default("phantom_cases", 2)
     calls: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(task, "ensure_phantom_federation",
-                        lambda folder, sites, cases, seed: calls.append((sites, cases, seed)) or [tmp_path / "a.yaml"])
-    assert task.site_config_path({"partition-id": 0}, {"federation-dir": str(tmp_path)}) == tmp_path / "a.yaml"
+    monkeypatch.setattr(site_work, "ensure_phantom_federation",
+                             lambda folder, sites, cases, seed: calls.append((sites, cases, seed)) or [tmp_path / "a.yaml"])
+    assert site_work.site_config_path({"partition-id": 0}, {"federation-dir": str(tmp_path)}) == tmp_path / "a.yaml"
     assert calls == [(3, 2, 0)]
     with pytest.raises(RunConfigError, match="phantom-cases: expected a whole number >= 1, got 'six'"):
-        task.site_config_path({"partition-id": 0}, {"phantom-cases": "six"})
+        site_work.site_config_path({"partition-id": 0}, {"phantom-cases": "six"})
 
 
 def test_simulate_has_no_defaults_of_its_own(tmp_path: Path) -> None:
