@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -234,10 +235,37 @@ def _seed(instruction: Instruction, site: SiteConfig) -> int:
     return site_seed(instruction.seed, int(instruction.round), site.name)
 
 
+def _optimizer_file(site: SiteConfig, run: str) -> Path:
+    """Where ``site`` keeps its adapt optimiser of ``run`` (hashed: the run id comes from the server)."""
+    key = hashlib.sha256(f"{run}\0{site.name}".encode()).hexdigest()[:32]
+    return Path(site.cache_dir) / "optimizer" / f"{key}.safetensors"
+
+
+def _site_optimizer(site: SiteConfig, instruction: Instruction, model: SegmentationModel, device: str):
+    """The site's AdamW for this adapt round and how to keep it for the next (a function of the
+    trained optimiser): its moments from the site's last round of this run are carried on
+    (:mod:`pemma_core.training.site_optimizer` says why)."""
+    from pemma_core.training import site_optimizer
+
+    model.to(device)  # before the optimiser: carried moments are put where their tensors are
+    owner = f"{model.fingerprint}:{model.spec.to_json()}"
+    path = _optimizer_file(site, instruction.run) if instruction.run else None
+    carried = site_optimizer.load_moments(path, owner, int(instruction.round)) if path else None
+    optimizer = site_optimizer.local_optimizer(model, float(instruction.lr), carried)
+
+    def keep() -> None:
+        if path is not None:
+            site_optimizer.save_moments(path, site_optimizer.carried_moments(optimizer, model), owner,
+                                        int(instruction.round))
+
+    return optimizer, keep
+
+
 def train_site(
-    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray]
+    site: SiteConfig, node_config: Mapping[str, Any], instruction: Instruction, arrays: Mapping[str, np.ndarray],
 ) -> Reply:
-    """One round of ``adapt`` at a site: train the modes it serves, reply with what changed."""
+    """One round of ``adapt`` at a site: train the modes it serves (its optimiser carried on from its
+    last round of the run), reply with what changed."""
     from pemma_core.training.local import train_local
 
     refuse_outside_limits(site, instruction)
@@ -249,10 +277,13 @@ def train_site(
     setup = time.perf_counter() - start
     private = _private_steps(site, instruction, loader)
     steps = private.steps if private is not None else instruction.local_steps
+    device = resolve_device(site)
+    optimizer, keep_optimizer = _site_optimizer(site, instruction, model, device)
     result = train_local(
-        model, loader, modes, steps=steps, lr=instruction.lr, seed=seed, device=resolve_device(site),
-        dp=private.plan if private is not None else None,
+        model, loader, modes, steps=steps, lr=instruction.lr, seed=seed, device=device,
+        optimizer=optimizer, dp=private.plan if private is not None else None,
     ) if steps > 0 else None
+    keep_optimizer()
     groups = model.param_groups
     may_send = allowed_groups(site)
     examples = dict(result.examples) if result is not None else {}

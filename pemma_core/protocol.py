@@ -112,6 +112,7 @@ class Instruction:
     wire_dtype: str | None = None
     dp: Mapping[str, Any] | None = None  # DP-SGD: target_epsilon, delta, clip, planned_steps (adapt)
     secure: Mapping[str, Any] | None = None  # secure aggregation: this round's members, cohorts, ranges, shares
+    run: str | None = None  # adapt: the run's id, under which a site keeps its optimiser between rounds
 
     def to_config(self) -> dict[str, Any]:
         """The message config: hyphenated keys, the spec and the preprocessor as JSON."""
@@ -160,6 +161,7 @@ class Instruction:
             wire_dtype=check_wire_dtype(str(config["wire-dtype"])),
             dp=_json_mapping(config, "dp"),
             secure=_json_mapping(config, "secure-aggregation"),
+            run=str(config["run"]) if "run" in config else None,
         )
 
 
@@ -176,6 +178,7 @@ _INSTRUCTION_KEYS: dict[str, str] = {
     "wire_dtype": "wire-dtype",
     "dp": "dp",
     "secure": "secure-aggregation",
+    "run": "run",
 }
 
 

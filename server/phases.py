@@ -198,12 +198,13 @@ def adapt(
     else:
         save_adapters(run.checkpoint("adapt", 0), model, provenance={"phase": "adapt", "round": 0, "sites": []})
     run.forget_after("adapt", offset)
+    run_uid = str(run.metrics()["run"]["run_uid"])  # kept across a resume
     dp = None
     if settings.dp_target_epsilon > 0:  # each site's budget covers the whole adapt phase, resumed rounds included
         dp = {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
-              "planned_steps": settings.rounds * settings.local_steps, "run": str(run.metrics()["run"]["run_uid"])}
+              "planned_steps": settings.rounds * settings.local_steps, "run": run_uid}
     instruction = Instruction(local_steps=settings.local_steps, lr=settings.lr, batch_size=settings.batch_size,
-                              seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp)
+                              seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp, run=run_uid)
     return run_phase(grid, settings, run, Phase(
         name="adapt", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=offset, num_rounds=settings.rounds - offset, save=_adapter_saver(model, "adapt"),

@@ -354,6 +354,36 @@ def test_resume_ends_with_the_same_adapters(tmp_path: Path, federation: list[Pat
     assert any(not torch.equal(one[k], a[k]) for k in a)  # round 2 did change something
 
 
+def test_each_site_carries_its_optimiser_from_round_to_round(tmp_path: Path, federation: list[Path],
+                                                            backbone_file: Path) -> None:
+    """A site's AdamW moments outlive the round (in its cache, per run): after two rounds the step
+    count of its CT tensors is the number of CT steps of both rounds, not of the last only."""
+    from client import task
+    from pemma_core.config.site import load_site_config
+    from pemma_core.training.site_optimizer import load_moments
+
+    settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), rounds=2, local_steps=3)
+    run_dir, _ = run(settings)
+    uid = run_dir.metrics()["run"]["run_uid"]
+    for path in federation:
+        site = load_site_config(path)
+        kept = load_moments(task._optimizer_file(site, uid), _owner_of(run_dir), round_=3)
+        assert kept is not None, site.name
+        ct_steps = [site_entries(run_dir, r)[site.name]["examples"].get("ct", 0) for r in (1, 2)]  # batch size 1
+        steps = {float(v) for k, v in kept.items() if k.startswith("step/") and ".ct_adapter." in k}
+        assert steps == ({float(sum(ct_steps))} if sum(ct_steps) else set()), (site.name, ct_steps)
+        if site.modalities == ("ct",):  # a CT-only site takes every step in CT: 3 per round
+            assert ct_steps == [3, 3]
+
+
+def _owner_of(run_dir: RunDir) -> str:
+    """The owner a site's moments name: the run's backbone fingerprint and model spec."""
+    from simulation.predict import load_run_model
+
+    model = load_run_model(run_dir.path, 1)
+    return f"{model.fingerprint}:{model.spec.to_json()}"
+
+
 def test_sites_side_by_side_give_the_same_run_bit_for_bit(tmp_path: Path, federation: list[Path]) -> None:
     """Three site workers (threads) against one: every phase's tensors and every reported metric
     are identical, so parallel sites change the time, never the result. (Both at one intra-op

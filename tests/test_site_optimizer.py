@@ -1,0 +1,101 @@
+"""A site's AdamW carried from one federated round to the next (pemma_core.training.site_optimizer)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pemma_core.training.site_optimizer import carried_moments, load_moments, local_optimizer, save_moments
+
+LR = 0.01
+
+
+class _LowRank(nn.Module):
+    """A frozen weight with a peft-named low-rank pair and a plain trainable bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(6, 2, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, 5, bias=False)})
+        self.bias = nn.Parameter(torch.zeros(5))
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One optimiser step with the given gradients; returns how far each tensor moved."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    optimizer.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def test_a_carried_optimizer_averages_a_flipped_gradient_where_a_fresh_one_takes_a_full_step() -> None:
+    """The failure this module fixes: a fresh AdamW moves every element by the full rate
+    whatever the gradient; with the site's moments carried, a gradient that flips sign
+    between rounds (noise) moves it by a small fraction of the rate."""
+    model = nn.Linear(4, 3)
+    grads = {n: torch.randn_like(p) * 1e-3 for n, p in model.named_parameters()}
+    first = local_optimizer(model, LR)
+    _step(model, first, grads)
+    moments = carried_moments(first, model)
+    flipped = {n: -g for n, g in grads.items()}
+    fresh = _step(model, local_optimizer(model, LR), flipped)
+    assert all(torch.allclose(d.abs(), torch.full_like(d, LR), rtol=1e-3) for d in fresh.values())
+    carried = _step(model, local_optimizer(model, LR, moments), flipped)
+    assert all(float(d.abs().max()) < 0.2 * LR for d in carried.values())
+    assert all(float(moments[f"step/{n}"]) == 1.0 for n in grads)
+
+
+def test_low_rank_factors_restart_their_momentum_and_keep_only_the_gradient_scale() -> None:
+    """The server may return a low-rank pair re-factorised (rotated), so per-element moments
+    of its factors mean nothing: momentum restarts, the second moment becomes its mean."""
+    model = nn.ModuleDict({"attn": _LowRank()})  # peft's names: <module>.lora_A.<adapter>.weight
+    first = local_optimizer(model, LR)
+    _step(model, first, {n: torch.randn_like(p) for n, p in model.named_parameters()})
+    moments = carried_moments(first, model)
+    resumed = local_optimizer(model, LR, moments)
+    state = {n: resumed.state[p] for n, p in model.named_parameters()}
+    for factor in ("attn.lora_A.default.weight", "attn.lora_B.default.weight"):
+        assert torch.count_nonzero(state[factor]["exp_avg"]) == 0
+        np.testing.assert_allclose(state[factor]["exp_avg_sq"].numpy(),
+                                   np.full(moments[f"exp_avg_sq/{factor}"].shape, moments[f"exp_avg_sq/{factor}"].mean()),
+                                   rtol=1e-6)
+        assert float(state[factor]["step"]) == 1.0
+    np.testing.assert_array_equal(state["attn.bias"]["exp_avg"].numpy(), moments["exp_avg/attn.bias"])
+    np.testing.assert_array_equal(state["attn.bias"]["exp_avg_sq"].numpy(), moments["exp_avg_sq/attn.bias"])
+
+
+def test_moments_of_another_shape_start_fresh() -> None:
+    model = nn.Linear(4, 3)
+    moments = carried_moments(_trained(model), model)
+    other = nn.Linear(4, 2)  # same names, other shapes
+    assert local_optimizer(other, LR, moments).state == {}
+
+
+def _trained(model: nn.Module) -> torch.optim.Optimizer:
+    optimizer = local_optimizer(model, LR)
+    _step(model, optimizer, {n: torch.ones_like(p) for n, p in model.named_parameters()})
+    return optimizer
+
+
+def test_the_moments_file_is_read_back_only_for_its_model_and_a_later_round(tmp_path: Path, caplog) -> None:
+    model = nn.Linear(4, 3)
+    moments = carried_moments(_trained(model), model)
+    path = tmp_path / "optimizer" / "run.safetensors"
+    assert load_moments(path, "model-1", 2) is None  # nothing kept yet
+    save_moments(path, moments, "model-1", round_=1)
+    read = load_moments(path, "model-1", 2)
+    assert read is not None and set(read) == set(moments)
+    assert all(np.array_equal(read[k], moments[k]) for k in moments)
+    assert load_moments(path, "model-2", 2) is None  # another backbone or spec
+    assert load_moments(path, "model-1", 1) is None  # round 1 trained again (a resume): its moments are not the start
+    assert not path.with_name(path.name + ".partial").exists()
+    path.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="pemma.site"):
+        assert load_moments(path, "model-1", 2) is None
+    assert str(path) in caplog.text and "fresh optimiser" in caplog.text
