@@ -49,6 +49,7 @@ from pemma_core.model.spec import ModelSpec, build_backbone
 from pemma_core.modes import DEFAULT_MODE_WEIGHTS, MODES, servable_modes
 from pemma_core.training.local import (EvalResult, evaluate_cases, mode_sampler, segmentation_loss, train_local,
                                        train_step)
+from pemma_core.training.optimizer import make_optimizer
 
 __all__ = ["PLANS", "ROW_LABELS", "BackboneBench", "RowPlan", "federation_mode_weights", "over_seeds", "run_cnn",
            "seed_all", "train_chunked"]
@@ -122,7 +123,7 @@ def _train_mixed(model: SegmentationModel, loaders: Mapping[str, Iterable], weig
     """Like :func:`train_chunked`, but each step's batch comes from the loader of its mode."""
     model.to(device).train()
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, lr)
     loss_fn = segmentation_loss()
     draws = mode_sampler(list(loaders), weights, seed)
     streams: dict[int, Iterator] = {}
@@ -179,8 +180,7 @@ def train_chunked(
 ) -> dict[str, Any]:
     """:func:`pemma_core.training.local.train_local` in chunks of ``chunk`` steps (one optimiser
     throughout; chunk ``c`` draws its modes with seed ``seed + c``), a progress line per chunk."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, lr)
     done, c, seconds, cpu = 0, 0, 0.0, 0.0
     losses: list[float] = []
     mode_steps: dict[str, int] = {}

@@ -244,19 +244,18 @@ def _optimizer_file(site: SiteConfig, run: str) -> Path:
 def _site_optimizer(site: SiteConfig, instruction: Instruction, model: SegmentationModel, device: str):
     """The site's AdamW for this adapt round and how to keep it for the next (a function of the
     trained optimiser): its moments from the site's last round of this run are carried on
-    (:mod:`pemma_core.training.site_optimizer` says why)."""
-    from pemma_core.training import site_optimizer
+    (:mod:`pemma_core.training.optimizer` says why)."""
+    from pemma_core.training import optimizer as optimizers
 
     model.to(device)  # before the optimiser: carried moments are put where their tensors are
     owner = f"{model.fingerprint}:{model.spec.to_json()}"
     path = _optimizer_file(site, instruction.run) if instruction.run else None
-    carried = site_optimizer.load_moments(path, owner, int(instruction.round)) if path else None
-    optimizer = site_optimizer.local_optimizer(model, float(instruction.lr), carried)
+    carried = optimizers.load_moments(path, owner, int(instruction.round)) if path else None
+    optimizer = optimizers.make_optimizer(model, float(instruction.lr), carried)
 
     def keep() -> None:
         if path is not None:
-            site_optimizer.save_moments(path, site_optimizer.carried_moments(optimizer, model), owner,
-                                        int(instruction.round))
+            optimizers.save_moments(path, optimizers.carried_moments(optimizer, model), owner, int(instruction.round))
 
     return optimizer, keep
 

@@ -360,7 +360,7 @@ def test_each_site_carries_its_optimiser_from_round_to_round(tmp_path: Path, fed
     count of its CT tensors is the number of CT steps of both rounds, not of the last only."""
     from client import task
     from pemma_core.config.site import load_site_config
-    from pemma_core.training.site_optimizer import load_moments
+    from pemma_core.training.optimizer import load_moments
 
     settings = settings_for(tmp_path / "run", federation, backbone_file=str(backbone_file), rounds=2, local_steps=3)
     run_dir, _ = run(settings)

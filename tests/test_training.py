@@ -13,6 +13,7 @@ from pemma_core.model.factory import build_model
 from pemma_core.model.spec import ModelSpec, build_backbone
 from pemma_core.training.local import (evaluate, evaluate_cases, mode_sampler, predict_volume, segmentation_loss,
                                        train_local, train_step)
+from pemma_core.training.optimizer import make_optimizer
 
 MODES = ["ct", "pet", "ctpet"]
 
@@ -42,7 +43,7 @@ def test_train_local_is_a_loop_over_train_step():
 
     stepped.train()
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in stepped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    optimizer = make_optimizer(stepped, lr=1e-2)
     loss_fn = segmentation_loss()
     draws = mode_sampler(MODES, None, seed)
     losses = [

@@ -46,6 +46,11 @@ MODE_GROUPS: dict[str, frozenset[str]] = {
     "pet": frozenset({"pet"}),
     "ctpet": frozenset({"pet", "fusion"}),
 }
+# Groups that learn slower than the adapt rate: the two the CT mode runs through. Centralized
+# PEMMA-LoRA at the long budget (144 steps, three seeds) took the CT mode from the backbone's 0.374
+# to 0.334 at the full rate (0.277 at seed 0), and held it at 0.370 with these scales; PET and CT+PET
+# moved by -0.9 and -1.0 points (BENCHMARKS.md, "CT forgetting at the long budget: slower CT groups").
+GROUP_LR_SCALES: dict[str, float] = {"shared": 0.5, "ct": 0.2}
 # The peft adapters active in each mode (names as in layers.PEFT_GROUPS).
 MODE_LORAS: dict[str, list[str]] = {"ct": ["default"], "pet": ["default", "pet"], "ctpet": ["default", "pet"]}
 
@@ -86,13 +91,15 @@ class SegmentationModel(nn.Module):
     """Base of every model here: ``forward(image [B,2,X,Y,Z], mode) -> logits``.
 
     Attributes: ``spec``, ``fingerprint`` (of the CT backbone it started from),
-    ``modes`` (modes it can run), ``param_groups`` (trainable tensor name -> group).
+    ``modes`` (modes it can run), ``param_groups`` (trainable tensor name -> group),
+    ``lr_scales`` (group -> its learning rate relative to the run's; 1 where absent).
     """
 
     spec: ModelSpec
     fingerprint: str
     modes: tuple[str, ...]
     fixed_grid: ClassVar[bool] = True  # a UNETR input must have the preset's crop size
+    lr_scales: ClassVar[Mapping[str, float]] = {}
 
     @property
     def roi_size(self) -> tuple[int, int, int]:
@@ -138,6 +145,7 @@ class PemmaModel(SegmentationModel):
 
     modes = MODES
     trainable_parts: ClassVar[Mapping[str, str]] = {"survival_head": "prognosis", "ehr_encoder": "ehr"}
+    lr_scales: ClassVar[Mapping[str, float]] = GROUP_LR_SCALES
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, fingerprint: str) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import DEFAULT_OVERLAP
 from pemma_core.modes import DEFAULT_MODE_WEIGHTS, check_mode
 from pemma_core.privacy import DpPlan
+from pemma_core.training.optimizer import make_optimizer
 from pemma_core.training.seg_metrics import NSD_TOLERANCE_MM, CaseMetrics, case_metrics, mean_defined, pooled_dice, spacing_of_affine
 
 __all__ = [
@@ -152,8 +153,7 @@ def _training_setup(model: SegmentationModel, modes: Sequence[str], lr: float, m
     """(optimiser, loss, mode draws, the model's groups) of a local training run, the model on ``device`` in train mode."""
     model.to(device).train()
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = optimizer or make_optimizer(model, lr)
     return (optimizer, segmentation_loss(), mode_sampler(modes, mode_weights, seed),
             set(model.param_groups.values()))
 
@@ -171,7 +171,8 @@ def train_local(
     dp: DpPlan | None = None,
 ) -> TrainResult:
     """Run ``steps`` :func:`train_step` calls on batches ``{"image": [B,2,...], "label": [B,1,...]}``
-    (AdamW at ``lr`` unless ``optimizer`` is given, DiceCE loss).
+    (:func:`~pemma_core.training.optimizer.make_optimizer` at ``lr`` unless ``optimizer`` is
+    given, :func:`segmentation_loss`).
 
     Only ``modes`` that the model runs are drawn, by :func:`mode_sampler`.
 

@@ -1,6 +1,11 @@
-"""A site's AdamW carried from one federated round to the next.
+"""The AdamW of every training run, and a site's AdamW carried from one federated round to the next.
 
-Why: a fresh AdamW's first step moves every element of every tensor it steps by the full
+:func:`make_optimizer` builds it: AdamW without weight decay over the model's trainable
+tensors, each parameter group at the adapt rate times the model's ``lr_scales`` entry for
+that group (1 where it has none; :data:`pemma_core.model.pemma.GROUP_LR_SCALES` says which
+PEMMA groups learn slower, and why).
+
+Carrying the moments, and why: a fresh AdamW's first step moves every element of every tensor it steps by the full
 learning rate, whatever the gradient's size (the bias-corrected ``m / sqrt(v)`` is
 ``sign(g)``). A site that takes one CT step in a round (a PET site draws ``ct`` about one
 step in four) then sends a pure sign step of ``lr`` per element, every round, where a
@@ -39,20 +44,26 @@ from safetensors.numpy import load_file, save_file
 
 from pemma_core.lora_aggregation import low_rank_pairs
 
-__all__ = ["carried_moments", "load_moments", "local_optimizer", "save_moments"]
+__all__ = ["carried_moments", "load_moments", "make_optimizer", "save_moments"]
 
 log = logging.getLogger("pemma.site")
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def local_optimizer(model: torch.nn.Module, lr: float,
-                    carried: Mapping[str, np.ndarray] | None = None) -> torch.optim.AdamW:
-    """AdamW at ``lr`` over ``model``'s trainable tensors (in ``model.parameters()`` order, as
-    :func:`pemma_core.training.local.train_local` builds it), resuming the moments that
+def make_optimizer(model: torch.nn.Module, lr: float,
+                   carried: Mapping[str, np.ndarray] | None = None) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable tensors, each at ``lr`` times its group's scale in
+    ``model.lr_scales`` (a model without one: all at ``lr``), resuming the moments that
     :func:`carried_moments` took from the site's previous round."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+    scales: Mapping[str, float] = getattr(model, "lr_scales", {})
+    groups: Mapping[str, str] = getattr(model, "param_groups", {}) if scales else {}
+    by_scale: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        by_scale.setdefault(float(scales.get(groups.get(name, ""), 1.0)), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": lr * scale} for scale, params in by_scale.items()],
+                                  lr=lr, weight_decay=0.0)
     if not carried:
         return optimizer
     factors = {n for pair in low_rank_pairs(n for n, _ in named).items() for n in pair}
@@ -71,7 +82,7 @@ def local_optimizer(model: torch.nn.Module, lr: float,
 
 
 def carried_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The moments of ``optimizer`` (built by :func:`local_optimizer`) by tensor name, as
+    """The moments of ``optimizer`` (built by :func:`make_optimizer`) by tensor name, as
     float32 numpy arrays (``exp_avg/<name>``, ``exp_avg_sq/<name>``, ``step/<name>``);
     tensors it never stepped have none."""
     out: dict[str, np.ndarray] = {}

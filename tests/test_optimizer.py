@@ -1,4 +1,4 @@
-"""A site's AdamW carried from one federated round to the next (pemma_core.training.site_optimizer)."""
+"""A site's AdamW carried from one federated round to the next (pemma_core.training.optimizer)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
-from pemma_core.training.site_optimizer import carried_moments, load_moments, local_optimizer, save_moments
+from pemma_core.training.optimizer import carried_moments, load_moments, make_optimizer, save_moments
 
 LR = 0.01
 
@@ -40,13 +41,13 @@ def test_a_carried_optimizer_averages_a_flipped_gradient_where_a_fresh_one_takes
     between rounds (noise) moves it by a small fraction of the rate."""
     model = nn.Linear(4, 3)
     grads = {n: torch.randn_like(p) * 1e-3 for n, p in model.named_parameters()}
-    first = local_optimizer(model, LR)
+    first = make_optimizer(model, LR)
     _step(model, first, grads)
     moments = carried_moments(first, model)
     flipped = {n: -g for n, g in grads.items()}
-    fresh = _step(model, local_optimizer(model, LR), flipped)
+    fresh = _step(model, make_optimizer(model, LR), flipped)
     assert all(torch.allclose(d.abs(), torch.full_like(d, LR), rtol=1e-3) for d in fresh.values())
-    carried = _step(model, local_optimizer(model, LR, moments), flipped)
+    carried = _step(model, make_optimizer(model, LR, moments), flipped)
     assert all(float(d.abs().max()) < 0.2 * LR for d in carried.values())
     assert all(float(moments[f"step/{n}"]) == 1.0 for n in grads)
 
@@ -55,10 +56,10 @@ def test_low_rank_factors_restart_their_momentum_and_keep_only_the_gradient_scal
     """The server may return a low-rank pair re-factorised (rotated), so per-element moments
     of its factors mean nothing: momentum restarts, the second moment becomes its mean."""
     model = nn.ModuleDict({"attn": _LowRank()})  # peft's names: <module>.lora_A.<adapter>.weight
-    first = local_optimizer(model, LR)
+    first = make_optimizer(model, LR)
     _step(model, first, {n: torch.randn_like(p) for n, p in model.named_parameters()})
     moments = carried_moments(first, model)
-    resumed = local_optimizer(model, LR, moments)
+    resumed = make_optimizer(model, LR, moments)
     state = {n: resumed.state[p] for n, p in model.named_parameters()}
     for factor in ("attn.lora_A.default.weight", "attn.lora_B.default.weight"):
         assert torch.count_nonzero(state[factor]["exp_avg"]) == 0
@@ -74,11 +75,11 @@ def test_moments_of_another_shape_start_fresh() -> None:
     model = nn.Linear(4, 3)
     moments = carried_moments(_trained(model), model)
     other = nn.Linear(4, 2)  # same names, other shapes
-    assert local_optimizer(other, LR, moments).state == {}
+    assert make_optimizer(other, LR, moments).state == {}
 
 
 def _trained(model: nn.Module) -> torch.optim.Optimizer:
-    optimizer = local_optimizer(model, LR)
+    optimizer = make_optimizer(model, LR)
     _step(model, optimizer, {n: torch.ones_like(p) for n, p in model.named_parameters()})
     return optimizer
 
@@ -99,3 +100,24 @@ def test_the_moments_file_is_read_back_only_for_its_model_and_a_later_round(tmp_
     with caplog.at_level(logging.WARNING, logger="pemma.site"):
         assert load_moments(path, "model-1", 2) is None
     assert str(path) in caplog.text and "fresh optimiser" in caplog.text
+
+
+def test_each_pemma_group_learns_at_its_scale_of_the_rate() -> None:
+    """The CT adapter learns at GROUP_LR_SCALES' fraction of the adapt rate, every other group at the
+    rate; a fully trained baseline has no scales."""
+    from pemma_core.model.factory import build_model
+    from pemma_core.model.pemma import GROUP_LR_SCALES
+    from pemma_core.model.spec import ModelSpec, build_backbone
+
+    spec = ModelSpec()
+    torch.manual_seed(0)
+    backbone = build_backbone(spec)
+    model = build_model(spec, backbone)
+    rate_of = {id(p): g["lr"] for g in make_optimizer(model, LR).param_groups for p in g["params"]}
+    groups = model.param_groups
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rate_of[id(p)] == pytest.approx(LR * GROUP_LR_SCALES.get(groups[name], 1.0)), name
+    assert len(set(rate_of.values())) > 1  # some group is scaled, so the loop above checked two rates
+    full = build_model(spec.with_(kind="early-fusion"), backbone)
+    assert {g["lr"] for g in make_optimizer(full, LR).param_groups} == {LR}
