@@ -5,14 +5,14 @@ tensors, each parameter group at the adapt rate times the model's ``lr_scales`` 
 that group (1 where it has none; :data:`pemma_core.model.pemma.GROUP_LR_SCALES` says which
 PEMMA groups learn slower, and why).
 
-Carrying the moments, and why: a fresh AdamW's first step moves every element of every tensor it steps by the full
-learning rate, whatever the gradient's size (the bias-corrected ``m / sqrt(v)`` is
-``sign(g)``). A site that takes one CT step in a round (a PET site draws ``ct`` about one
+Carrying the moments, and why: a fresh AdamW's first step moves every element of every
+tensor it steps by the full learning rate, whatever the gradient's size (the bias-corrected
+``m / sqrt(v)`` is ``sign(g)``). A site that takes one CT step in a round (a PET site draws ``ct`` about one
 step in four) then sends a pure sign step of ``lr`` per element, every round, where a
 centralized AdamW would by now be averaging noisy gradients down. In the IBSI bench that
 noise in the CT groups (the patch embedding's CT adapter, the shared LoRA) took the
-federated CT mode from 0.374 to 0.250 in one round (BENCHMARKS.md, "Federated CT
-forgetting"). Carrying the moments makes a site's later steps what they would be in one
+federated CT mode from 0.374 to 0.250 in one round (BENCHMARKS.md, "The federated CT
+collapse: a fresh optimiser every round"). Carrying the moments makes a site's later steps what they would be in one
 long run.
 
 The state never leaves the site (it is derived from the site's own gradients). The site
