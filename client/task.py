@@ -235,10 +235,25 @@ def _seed(instruction: Instruction, site: SiteConfig) -> int:
     return site_seed(instruction.seed, int(instruction.round), site.name)
 
 
+# A site keeps the adapt optimiser of its last few runs: the run id comes from the server, and one
+# that sent a new id every round must not fill the site's disk. A few, not one, so that a site in two
+# federations at once does not restart the other's optimiser every round.
+OPTIMIZER_RUNS_KEPT = 4
+
+
 def _optimizer_file(site: SiteConfig, run: str) -> Path:
-    """Where ``site`` keeps its adapt optimiser of ``run`` (hashed: the run id comes from the server)."""
-    key = hashlib.sha256(f"{run}\0{site.name}".encode()).hexdigest()[:32]
-    return Path(site.cache_dir) / "optimizer" / f"{key}.safetensors"
+    """Where ``site`` keeps its adapt optimiser of ``run``: a folder per site (sites may share a
+    cache), a file per run, both names hashed (the run id comes from the server)."""
+    folder = hashlib.sha256(site.name.encode()).hexdigest()[:16]
+    return Path(site.cache_dir) / "optimizer" / folder / f"{hashlib.sha256(run.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _forget_old_runs(kept: Path) -> None:
+    """Delete the site's moments files but the ``OPTIMIZER_RUNS_KEPT`` latest written, ``kept`` among them."""
+    others = sorted((p for p in kept.parent.glob("*.safetensors") if p != kept),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[OPTIMIZER_RUNS_KEPT - 1:]:
+        old.unlink(missing_ok=True)
 
 
 def _site_optimizer(site: SiteConfig, instruction: Instruction, model: SegmentationModel, device: str):
@@ -256,6 +271,7 @@ def _site_optimizer(site: SiteConfig, instruction: Instruction, model: Segmentat
     def keep() -> None:
         if path is not None:
             optimizers.save_moments(path, optimizers.carried_moments(optimizer, model), owner, int(instruction.round))
+            _forget_old_runs(path)
 
     return optimizer, keep
 

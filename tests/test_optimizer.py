@@ -121,3 +121,29 @@ def test_each_pemma_group_learns_at_its_scale_of_the_rate() -> None:
     assert len(set(rate_of.values())) > 1  # some group is scaled, so the loop above checked two rates
     full = build_model(spec.with_(kind="early-fusion"), backbone)
     assert {g["lr"] for g in make_optimizer(full, LR).param_groups} == {LR}
+
+
+def test_a_site_keeps_the_moments_of_its_last_few_runs_only(tmp_path: Path) -> None:
+    """The run id comes from the server: one that sent a new id every round must not fill the
+    site's disk. The current run's moments are kept, other sites' are left alone."""
+    from types import SimpleNamespace
+
+    from client import task
+
+    class _Model(nn.Linear):
+        fingerprint = "f" * 64
+        spec = SimpleNamespace(to_json=lambda: "{}")
+
+    model = _Model(4, 3)
+    site, other = (SimpleNamespace(name=n, cache_dir=tmp_path) for n in ("site-a", "site-b"))
+    runs = [f"run-{i}" for i in range(task.OPTIMIZER_RUNS_KEPT + 3)]
+    for i, run in enumerate([runs[0], *runs]):  # site-b first, then site-a under every run id
+        who = other if i == 0 else site
+        optimizer, keep = task._site_optimizer(who, SimpleNamespace(run=run, round=1, lr=LR), model, "cpu")
+        _step(model, optimizer, {n: torch.ones_like(p) for n, p in model.named_parameters()})
+        keep()
+    kept = list((tmp_path / "optimizer").rglob("*.safetensors"))
+    assert len(kept) == task.OPTIMIZER_RUNS_KEPT + 1  # site-a's last few runs, and site-b's one
+    assert task._optimizer_file(other, runs[0]).is_file()
+    assert all(task._optimizer_file(site, run).is_file() for run in runs[-task.OPTIMIZER_RUNS_KEPT:])
+    assert not task._optimizer_file(site, runs[0]).exists()
