@@ -345,7 +345,7 @@ class PrivateSteps:
                             int(instruction.batch_size), n_patients, int(dp["planned_steps"]))
         self.ledger = privacy_ledger(site)
         # One budget per site and run: sites may share a cache folder, a run folder may be reused.
-        self.key = f"{dp.get('run', '')}:{site.name}:{instruction.fingerprint}"
+        self.key = f"{instruction.run or ''}:{site.name}:{instruction.fingerprint}"
         taken = self.ledger.steps_taken(self.key)
         self.steps = steps_within_budget(self.plan, taken, int(instruction.local_steps))
         self.stopped = ""

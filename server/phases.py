@@ -202,7 +202,7 @@ def adapt(
     dp = None
     if settings.dp_target_epsilon > 0:  # each site's budget covers the whole adapt phase, resumed rounds included
         dp = {"target_epsilon": settings.dp_target_epsilon, "delta": settings.dp_delta, "clip": settings.dp_clip,
-              "planned_steps": settings.rounds * settings.local_steps, "run": run_uid}
+              "planned_steps": settings.rounds * settings.local_steps}
     instruction = Instruction(local_steps=settings.local_steps, lr=settings.lr, batch_size=settings.batch_size,
                               seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp, run=run_uid)
     return run_phase(grid, settings, run, Phase(
