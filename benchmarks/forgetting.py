@@ -11,10 +11,11 @@ one CT backbone, once per variant, and records per variant:
 * normalisation statistics: the running-statistics buffers the network holds (a layer with
   running statistics would change the CT mode through PET batches without any gradient).
 
-Variants: ``lora`` and ``dora`` (the tree's PEMMA as built), ``lora-shared-lr-0.2``
-(the shared group at 0.2x the adapter rate, the rest at 1x), and DoRA with the shared
-magnitude vectors at 0.1x the rate (``dora-magnitude-lr-0.1``) or frozen at the backbone's
-column norms (``dora-magnitude-frozen``). Run it against two source
+Variants: ``lora`` and ``dora`` (the tree's PEMMA as built, each group at the tree's rate,
+``GROUP_LR_SCALES``), ``lora-shared-lr-0.2`` (the shared group at 0.2x its rate), and DoRA with
+the shared magnitude vectors at 0.1x their rate (``dora-magnitude-lr-0.1``) or frozen at the
+backbone's column norms (``dora-magnitude-frozen``). Results in ``benchmarks/results/forgetting/``
+were taken before the tree had group rates, when every group trained at the adapter rate. Run it against two source
 trees to compare designs: it measures whatever ``pemma_core`` it imports.
 """
 
@@ -62,15 +63,17 @@ def run_variant(bench: BackboneBench, variant: str, steps: int, say: Any) -> dic
     model = build_model(bench.spec.with_(kind="pemma", adapter=adapter), bench.backbone)
     lr = config.lr_adapter
     shared = _shared(model)
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in shared]
     magnitudes = {n: p for n, p in shared.items() if "magnitude" in n}  # DoRA only
-    groups = [{"params": [p for n, p in shared.items() if n not in magnitudes], "lr": lr * shared_scale},
-              {"params": rest, "lr": lr}]
-    if magnitudes and magnitude_scale > 0:
-        groups.append({"params": list(magnitudes.values()), "lr": lr * shared_scale * magnitude_scale})
-    for p in magnitudes.values():
-        p.requires_grad_(magnitude_scale > 0)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    groups = model.param_groups
+    by_rate: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        # the tree's own group rates (make_optimizer's), times the variant's scales
+        rate = lr * model.lr_scales.get(groups.get(name, ""), 1.0)
+        rate *= (shared_scale if name in shared else 1.0) * (magnitude_scale if name in magnitudes else 1.0)
+        p.requires_grad_(p.requires_grad and rate > 0)
+        if p.requires_grad:
+            by_rate.setdefault(rate, []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": r} for r, ps in by_rate.items()], lr=lr, weight_decay=0.0)
     magnitudes0 = {n: p.detach().clone() for n, p in magnitudes.items()}
     start_state = {n: p.detach().clone() for n, p in shared.items()}
     drift: dict[str, float] = {}
