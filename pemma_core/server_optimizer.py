@@ -16,16 +16,21 @@ State is kept per tensor, and a step is taken only for the tensors some site sen
 round (the groups that were aggregated): a tensor nobody trained keeps its value and its
 moments.
 
-Resume: the moments live in the server process only; they are not written with the round
-checkpoint, so a resumed run starts them again from 0 (its next step is a first step).
+Resume: the moments are written after every round (:func:`save_state`, beside the round's
+checkpoint), and a resumed run reads back those of the round it resumes after
+(:func:`load_state`), so it ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
 
 __all__ = [
     "BETA1",
@@ -34,6 +39,8 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "TAU",
     "OptimizerState",
+    "load_state",
+    "save_state",
     "server_step",
 ]
 
@@ -101,3 +108,39 @@ def server_step(
         state.steps[name] = state.steps.get(name, 0) + 1
         out[name] = (before.astype(np.float64) + lr * m / (np.sqrt(v) + tau)).astype(before.dtype)
     return out
+
+
+def save_state(path: Path, state: OptimizerState, round_: int) -> None:
+    """Write ``state`` as it stands after round ``round_``, replacing ``path`` whole (a crash
+    mid-write leaves the previous file)."""
+    arrays = {**{f"m/{n}": a for n, a in state.m.items()}, **{f"v/{n}": a for n, a in state.v.items()},
+              **{f"steps/{n}": np.asarray(k, dtype=np.int64) for n, k in state.steps.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(arrays, str(partial), metadata={"round": str(int(round_))})
+    os.replace(partial, path)
+
+
+def load_state(path: Path, round_: int) -> OptimizerState:
+    """The state :func:`save_state` wrote after round ``round_``; a ``ValueError`` naming the file
+    when it is unreadable, incomplete or of another round."""
+    try:
+        with safe_open(str(path), framework="numpy") as reader:
+            written = (reader.metadata() or {}).get("round")
+        arrays = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{path}: the server optimiser's moments are unreadable ({exc})") from exc
+    if written != str(int(round_)):
+        raise ValueError(f"{path}: holds the server optimiser's moments after round {written}, not {round_}")
+    state = OptimizerState()
+    for key, value in arrays.items():
+        kind, _, name = key.partition("/")
+        if kind == "m":
+            state.m[name] = value.astype(np.float64)
+        elif kind == "v":
+            state.v[name] = value.astype(np.float64)
+        elif kind == "steps":
+            state.steps[name] = int(value)
+    if set(state.m) != set(state.v) or set(state.m) != set(state.steps):
+        raise ValueError(f"{path}: the server optimiser's moments are incomplete (m, v and steps name other tensors)")
+    return state

@@ -40,6 +40,7 @@ from pemma_core.model.files import (
 from pemma_core.model.pemma import SegmentationModel
 from pemma_core.model.spec import build_backbone
 from pemma_core.protocol import Instruction
+from pemma_core.server_optimizer import OptimizerState, load_state, save_state
 from server import records
 from server.roster import Roster, one_line_cause
 from server.run_dir import RunDir
@@ -77,6 +78,7 @@ class Phase:
     on_round_start: Callable[[Grid], object]  # late sites join (and get the backbone) before each round
     evaluate: bool = False
     max_update_norm: float | None = None  # the user's bound: adapt only (the automatic one runs in every phase)
+    server_optimizer_state: OptimizerState | None = None  # adapt: FedAdam / FedYogi moments to resume from
 
 
 def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, progress: Progress | None) -> PemmaStrategy:
@@ -110,6 +112,8 @@ def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, prog
         **({"lora_aggregation": settings.lora_aggregation_rule, "server_optimizer": settings.server_optimizer,
             "server_lr": settings.server_lr} if phase.name == "adapt" else {}),  # pretrain-ct, prognosis: plain FedAvg
     )
+    if phase.server_optimizer_state is not None:
+        strategy.optimizer_state = phase.server_optimizer_state
     if phase.num_rounds > 0:
         strategy.start(grid, state_to_record(phase.state), num_rounds=phase.num_rounds, timeout=settings.round_timeout,
                        train_config=ConfigRecord(phase.instruction.to_config()))
@@ -205,12 +209,34 @@ def adapt(
               "planned_steps": settings.rounds * settings.local_steps}
     instruction = Instruction(local_steps=settings.local_steps, lr=settings.lr, batch_size=settings.batch_size,
                               seed=settings.seed, spec=spec, fingerprint=model.fingerprint, dp=dp, run=run_uid)
+    moments = _server_moments(run, offset) if settings.server_optimizer != "none" else None
+    save_adapters_of_round = _adapter_saver(model, "adapt")
+
+    def save(path: Path, record: RoundRecord, global_state: dict[str, np.ndarray]) -> None:
+        if moments is not None:  # before the checkpoint: a finished round always has its moments
+            save_state(run.server_optimizer_file(record.round), moments, record.round)
+            run.server_optimizer_file(record.round - 2).unlink(missing_ok=True)
+        save_adapters_of_round(path, record, global_state)
+
     return run_phase(grid, settings, run, Phase(
         name="adapt", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
-        round_offset=offset, num_rounds=settings.rounds - offset, save=_adapter_saver(model, "adapt"),
+        round_offset=offset, num_rounds=settings.rounds - offset, save=save,
         evaluate=settings.evaluate, max_update_norm=settings.max_update_norm or None, roster=installer.roster,
-        on_round_start=installer,
+        on_round_start=installer, server_optimizer_state=moments,
     ), progress)
+
+
+def _server_moments(run: RunDir, offset: int) -> OptimizerState:
+    """The server optimiser's moments to go on from after adapt round ``offset`` (empty at the start).
+    A run resumed without them (started with server-optimizer = none, or before they were kept)
+    starts them from 0, and says so; an unreadable file stops the run (delete it to start from 0)."""
+    path = run.server_optimizer_file(offset)
+    if offset and path.is_file():
+        return load_state(path, offset)
+    if offset:
+        log.warning("resuming adapt after round %d without the server optimiser's moments (%s): they start from 0",
+                    offset, path)
+    return OptimizerState()
 
 
 def agree_ehr_width(

@@ -14,6 +14,9 @@
                                      holds the EHR preprocessor, ``pemma.ehr_preprocessor``);
                                      metadata: fingerprint, spec, groups, provenance
                                      (phase, round, participating sites)
+      server-optimizer/round-<n>.safetensors
+                                     FedAdam / FedYogi moments after adapt round n (the last two
+                                     rounds; only with server-optimizer), read back by --resume
       metrics.json                   {"run": {...}, "pretrain_rounds": [...], "rounds": [...]}
       report.md                      summary, Dice-per-round plot, a prediction overlay
       plots/dice.png, plots/overlay.png
@@ -146,6 +149,9 @@ class RunDir:
     def checkpoint(self, phase: str, round_: int) -> Path:
         folder = "pretrain" if phase == "pretrain-ct" else "adapters"
         return self.path / folder / f"round-{round_}.safetensors"
+
+    def server_optimizer_file(self, round_: int) -> Path:
+        return self.path / "server-optimizer" / f"round-{round_}.safetensors"
 
     def checkpoints(self, phase: str) -> dict[int, Path]:
         """Checkpoint files of ``phase`` by round. ``adapters/`` holds adapt and prognosis

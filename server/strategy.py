@@ -265,8 +265,9 @@ class PemmaStrategy(FedAvg):
         sums: ``exact`` is refused there). The phase runner passes it in phase ``adapt`` only.
     server_optimizer: ``none``, ``fedadam`` or ``fedyogi`` (:mod:`pemma_core.server_optimizer`),
         stepping on the aggregated update (plain and secure), with learning rate ``server_lr``;
-        refused with ``exact``. Its moments are kept in this object only: not checkpointed, so
-        a resumed run starts them from 0. The phase runner passes it in phase ``adapt`` only.
+        refused with ``exact``. Its moments are ``optimizer_state``, which the adapt phase
+        writes with every round and sets again on resume. The phase runner passes it in phase
+        ``adapt`` only.
     """
 
     def __init__(
@@ -337,7 +338,7 @@ class PemmaStrategy(FedAvg):
         self.lora_aggregation = lora_aggregation
         self.server_optimizer = server_optimizer
         self.server_lr = float(server_lr)
-        self.optimizer_state = OptimizerState()  # per-tensor moments; not saved with checkpoints (see above)
+        self.optimizer_state = OptimizerState()  # per-tensor moments; the adapt phase keeps them with its rounds
 
     # ------------------------------------------------------------------ helpers
     def _config(self, server_round: int, base: ConfigRecord) -> ConfigRecord:

@@ -10,7 +10,16 @@ import pytest
 from pemma_core.aggregation import SiteUpdate, aggregate_round
 from pemma_core.config.run import RunConfigError, RunSettings
 from pemma_core.lora_aggregation import PairError, exact_low_rank, low_rank_pairs, pooled_error
-from pemma_core.server_optimizer import BETA1, BETA2, SERVER_LR, TAU, OptimizerState, server_step
+from pemma_core.server_optimizer import (
+    BETA1,
+    BETA2,
+    SERVER_LR,
+    TAU,
+    OptimizerState,
+    load_state,
+    save_state,
+    server_step,
+)
 
 A = "net.blk.qkv.lora_A.default.weight"
 B = "net.blk.qkv.lora_B.default.weight"
@@ -362,3 +371,19 @@ def test_report_shows_the_naive_error_and_the_server_step(tmp_path) -> None:
     assert "## Low-rank aggregation" in report and "server optimiser **fedyogi** (server-lr 0.02)" in report
     assert "| 1 | pet 0.25 (0.5), shared 0.5 (0.75) | fedyogi |" in report
     assert "| 2 | pet 0.125 (0.25), shared 0.5 (0.75) | fedyogi |" in report
+
+
+def test_the_server_optimiser_moments_read_back_for_their_round_only(tmp_path) -> None:
+    state = OptimizerState()
+    previous = {"a": np.zeros(3, np.float32), "b": np.ones((2, 2), np.float32)}
+    server_step("fedadam", previous, {"a": np.full(3, 0.5, np.float32), "b": previous["b"]}, ["a"], state)
+    path = tmp_path / "server-optimizer" / "round-4.safetensors"
+    save_state(path, state, 4)
+    back = load_state(path, 4)
+    assert back.steps == {"a": 1} and set(back.v) == {"a"}
+    assert np.array_equal(back.m["a"], state.m["a"]) and np.array_equal(back.v["a"], state.v["a"])
+    with pytest.raises(ValueError, match="after round 4, not 3"):
+        load_state(path, 3)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"{path}.*unreadable"):
+        load_state(path, 4)

@@ -354,6 +354,19 @@ def test_resume_ends_with_the_same_adapters(tmp_path: Path, federation: list[Pat
     assert any(not torch.equal(one[k], a[k]) for k in a)  # round 2 did change something
 
 
+def test_a_resumed_run_carries_the_server_optimiser_on(tmp_path: Path, federation: list[Path],
+                                                       backbone_file: Path) -> None:
+    """FedAdam's moments are kept with the round: a run resumed after round 1 ends with the
+    adapters of an uninterrupted one, not with those of a first FedAdam step taken again."""
+    common = dict(backbone_file=str(backbone_file), rounds=2, seed=3, server_optimizer="fedadam")
+    straight, _ = run(settings_for(tmp_path / "straight", federation, **common))
+    run(settings_for(tmp_path / "resumed", federation, **{**common, "rounds": 1}))
+    resumed, _ = run(settings_for(tmp_path / "resumed", federation, **common, resume=True))
+    a, _ = read_adapter_file(straight.checkpoint("adapt", 2))
+    b, _ = read_adapter_file(resumed.checkpoint("adapt", 2))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_each_site_carries_its_optimiser_from_round_to_round(tmp_path: Path, federation: list[Path],
                                                             backbone_file: Path) -> None:
     """A site's AdamW moments outlive the round (in its cache, per run): after two rounds the step
