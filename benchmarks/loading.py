@@ -11,7 +11,8 @@ import numpy as np
 
 from pemma_core.config.site import SiteConfig
 from pemma_core.data.manifest import SiteDataError
-from pemma_core.data.pipeline import cached_dataset, site_cases
+from pemma_core.data.cases import site_cases
+from pemma_core.data.pipeline import cached_dataset
 
 __all__ = ["measure_loading"]
 

@@ -22,7 +22,8 @@ import nibabel as nib
 from benchmarks.config import SITE_NAMES, BenchConfig, Say
 from pemma_core.config.site import SiteConfig, load_site_config
 from pemma_core.data.manifest import Case, read_manifest, write_manifest
-from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, site_cases, train_loader
+from pemma_core.data.cases import site_cases
+from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, train_loader
 
 __all__ = [
     "QUIRK_CASES",

@@ -8,9 +8,8 @@ the model's work.
   federation, written on first use, by ``partition-id``).
 * :func:`join_site` / :func:`ehr_stats_site`: ``query.join`` (the site's name, declared cases
   and preprocessing) and ``query.ehr_stats`` (the aggregates of its EHR training rows). Both
-  read the site's cases with :func:`pemma_core.data.pipeline.site_cases` (``ehr_stats``
-  through :mod:`pemma_core.training.prognosis`), which import PyTorch and MONAI when these
-  messages come, not before.
+  read the site's cases with :mod:`pemma_core.data.cases`, which imports neither PyTorch nor
+  MONAI.
 * :func:`secure_stage_site`: the stages of secure aggregation (:mod:`client.secure_aggregation`).
 * :func:`refuse_outside_limits` / :func:`refuse_large_upload`: the site's ``limits:``.
 * :func:`check_reply`: every reply is checked before it leaves, its metric names and config
@@ -145,7 +144,7 @@ def declared_cases(site: SiteConfig) -> dict[str, int]:
     """The site's training cases per modality (``survival``: with survival labels), as it
     declares them when it joins; the server weights and checks its replies against them."""
     from pemma_core.data.checks import read_site_clinical
-    from pemma_core.data.pipeline import site_cases
+    from pemma_core.data.cases import site_cases
 
     cases, _ = site_cases(site, "train")
     counts = {
@@ -178,7 +177,7 @@ def ehr_stats_site(site: SiteConfig) -> Reply:
     (:func:`pemma_core.data.clinical.partial_stats`), only from at least
     ``limits.min_ehr_rows`` rows per covariate (below it the reply says what it withheld);
     a site without EHR answers with its name only."""
-    from pemma_core.training.prognosis import site_ehr_stats
+    from pemma_core.data.cases import site_ehr_stats
 
     stats, withheld = None, None
     if has_ehr(site):

@@ -20,15 +20,9 @@ from pemma_core.cli import main as pemma
 from pemma_core.config.site import SiteConfig, load_site_config
 from pemma_core.data.checks import check_case
 from pemma_core.data.inference_io import InferenceMeta, load_for_inference, write_prediction
+from pemma_core.data.cases import site_cases
 from pemma_core.data.manifest import BadCaseError, SiteDataError, read_manifest
-from pemma_core.data.pipeline import (
-    Preprocessing,
-    deterministic_transform,
-    eval_loader,
-    site_cases,
-    train_loader,
-    train_transform,
-)
+from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, train_loader, train_transform
 from pemma_core.phantoms.writer import Federation
 
 BAD = "site-2-001"  # the case each corruption test damages (train split of the CT+PET site)
@@ -549,17 +543,17 @@ def test_check_site_without_survival_columns_still_matches_ids(copy_phantom_site
 def test_many_case_warnings_are_summarised_once(copy_phantom_site, tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A site whose every case has a warning shows the first few in full and counts the rest, once."""
-    from pemma_core.data import pipeline
+    from pemma_core.data import cases as site_case_list
     from pemma_core.data.manifest import CaseProblem
 
     cfg = private_cfg(copy_phantom_site(1), tmp_path)
-    monkeypatch.setattr(pipeline, "cached_inspect",
+    monkeypatch.setattr(site_case_list, "cached_inspect",
                         lambda case, cfg: [CaseProblem(case.case_id, None, "PET field of view short", "warning")])
     with caplog.at_level(logging.WARNING, logger="pemma.data"):
         cases, _ = site_cases(cfg)
         site_cases(cfg)  # loaders list the cases every round: nothing more is said
     lines = [r.getMessage() for r in caplog.records]
-    shown = pipeline.CASE_WARNINGS_SHOWN
+    shown = site_case_list.CASE_WARNINGS_SHOWN
     assert len(cases) == shown + 1 and len(lines) == shown + 1
     assert all("PET field of view short" in line for line in lines[:shown])
     assert f"site {cfg.name}: 1 more case warning(s); `pemma check-site {cfg.path}` lists every one" == lines[-1]

@@ -16,7 +16,8 @@ from pemma_core.config.site import SiteConfig, load_site_config
 from pemma_core.data.checks import inspect_case
 from pemma_core.data.inference_io import load_for_inference, write_prediction
 from pemma_core.data.manifest import Case
-from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, site_cases, train_loader
+from pemma_core.data.cases import site_cases
+from pemma_core.data.pipeline import Preprocessing, deterministic_transform, eval_loader, train_loader
 
 pytestmark = pytest.mark.slow  # real IBSI data
 

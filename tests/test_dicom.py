@@ -370,7 +370,8 @@ def test_cases_are_converted_once_and_again_when_a_series_changes(
 
 @pytest.mark.slow  # converts 4 cases and loads MONAI
 def test_site_cases_hand_the_loaders_nifti(tmp_path: Path) -> None:
-    from pemma_core.data.pipeline import cached_dataset, site_cases
+    from pemma_core.data.cases import site_cases
+    from pemma_core.data.pipeline import cached_dataset
 
     cfg = dataclasses.replace(load_site_config(SITE_YAML), cache_dir=tmp_path / "cache")
     cases, problems = site_cases(cfg)

@@ -140,7 +140,8 @@ def test_a_cohort_without_ehr_trains_only_the_image_term():
 
 def test_site_covariates_must_match_the_federation_spec(phantom_federation):
     from pemma_core.data.clinical import EhrPreprocessor
-    from pemma_core.training.prognosis import check_site_covariates, site_ehr_stats
+    from pemma_core.data.cases import site_ehr_stats
+    from pemma_core.training.prognosis import check_site_covariates
     from pemma_core.config.site import load_site_config
 
     ehr_site, ct_site = (load_site_config(p) for p in (phantom_federation.site_yamls[2], phantom_federation.site_yamls[0]))
@@ -170,9 +171,9 @@ def _fill_clinical(yaml_path, edit) -> None:
 def test_site_ehr_stats_privacy_floor(tmp_path):
     from pemma_core.config.site import load_site_config
     from pemma_core.data.clinical import MIN_EHR_ROWS, partial_stats_problems
-    from pemma_core.data.pipeline import site_cases
+    from pemma_core.data.cases import site_cases
     from pemma_core.phantoms.writer import make_federation
-    from pemma_core.training.prognosis import site_ehr_stats
+    from pemma_core.data.cases import site_ehr_stats
 
     # one CT+PET+EHR site with exactly MIN_EHR_ROWS training cases (15: a third held out)
     federation = make_federation(tmp_path / "fed", n_sites=1, cases_per_site=15, seed=0, test_cases=0,

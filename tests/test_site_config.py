@@ -364,7 +364,7 @@ def test_phantom_site_yamls_load(phantom_federation) -> None:
             assert cfg.limits.min_ehr_rows == 1
         else:  # lowered to the sparsest covariate's training values, so the site still sends its statistics
             from pemma_core.data.clinical import present_counts
-            from pemma_core.training.prognosis import site_ehr_stats
+            from pemma_core.data.cases import site_ehr_stats
 
             stats, _ = site_ehr_stats(cfg, min_rows=cfg.limits.min_ehr_rows)
             assert stats is not None and min(present_counts(stats).values()) == cfg.limits.min_ehr_rows

@@ -5,7 +5,7 @@ relative to the site's ``data_root`` (absolute paths are kept). A column for a m
 the site does not hold may be absent or empty. ``split`` is one of :data:`SPLITS`.
 An image may be a NIfTI file or a DICOM series folder, a label a NIfTI or an RTSTRUCT /
 DICOM-SEG file: the cases read here name the sources as listed, and
-:func:`pemma_core.data.pipeline.site_cases` hands the loaders their NIfTI conversion
+:func:`pemma_core.data.cases.site_cases` hands the loaders their NIfTI conversion
 (:func:`pemma_core.data.volumes.materialise_case`).
 """
 

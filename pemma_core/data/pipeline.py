@@ -23,9 +23,9 @@ Batches are dicts::
     "grid_affine": float64 [B, 4, 4]    affine of the reference grid (world mm, RAS)
     "reference_path": list[str]         the original image whose grid predictions return to
 
-Only checked cases are used (:func:`site_cases`); a bad case is skipped with a warning or
+Only checked cases are used (:func:`pemma_core.data.cases.site_cases`); a bad case is skipped with a warning or
 stops the site, as the site's ``on_bad_case`` says. A case given as DICOM is converted to
-NIfTI once, into the site cache, by :func:`site_cases`. The deterministic part (load,
+NIfTI once, into the site cache, by :func:`~pemma_core.data.cases.site_cases`. The deterministic part (load,
 resample, normalise) is cached on disk per site with MONAI's ``PersistentDataset`` under
 ``cfg.cache_dir/<preprocessing fingerprint>/``; a cache entry is keyed by the case's file
 paths, sizes and modification times, so an edited file is re-read and a changed spacing
@@ -65,13 +65,12 @@ from monai.transforms import (
 )
 
 from pemma_core.config.site import DEFAULT_CT_WINDOW, DEFAULT_PET_SUV_MAX, SiteConfig
-from pemma_core.data.checks import cached_inspect, file_stamp, read_site_clinical
-from pemma_core.data.manifest import IMAGE_KEYS, SPLITS, BadCaseError, Case, CaseProblem, SiteDataError, read_manifest
-from pemma_core.data.volumes import materialise_case
+from pemma_core.data.cases import site_cases
+from pemma_core.data.checks import file_stamp
+from pemma_core.data.manifest import IMAGE_KEYS, Case, SiteDataError
 
 __all__ = [
     "Preprocessing",
-    "site_cases",
     "deterministic_transform",
     "train_transform",
     "cached_dataset",
@@ -79,7 +78,6 @@ __all__ = [
     "eval_loader",
 ]
 
-log = logging.getLogger("pemma.data")
 
 _PIPELINE_VERSION = 1  # bump when the deterministic transform changes, to invalidate the cache
 
@@ -107,81 +105,6 @@ class Preprocessing:
 # (DICOM is converted first, with pydicom), so the warning says nothing here but came once per loader.
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-
-_ALREADY_LOGGED: set[str] = set()
-# Case warnings logged in full per site and call of site_cases; the rest are counted in one line
-# (a site whose every PET is a little short of the CT would otherwise fill the first screen).
-CASE_WARNINGS_SHOWN = 3
-
-
-def _warn_once(cfg: SiteConfig, message: str) -> None:
-    """Log a case warning once per process (loaders call :func:`site_cases` every round)."""
-    text = f"site {cfg.name}: {message}"
-    if text not in _ALREADY_LOGGED:
-        _ALREADY_LOGGED.add(text)
-        log.warning("%s", text)
-
-
-def _warn_cases(cfg: SiteConfig, messages: Sequence[str]) -> None:
-    """The case warnings of one :func:`site_cases` call: the first few in full, then their count
-    and where to read them all (each only once per process)."""
-    new = [m for m in dict.fromkeys(messages) if f"site {cfg.name}: {m}" not in _ALREADY_LOGGED]
-    for message in new[:CASE_WARNINGS_SHOWN]:
-        _warn_once(cfg, message)
-    if len(new) > CASE_WARNINGS_SHOWN:
-        _ALREADY_LOGGED.update(f"site {cfg.name}: {m}" for m in new[CASE_WARNINGS_SHOWN:])
-        log.warning("site %s: %d more case warning(s); `pemma check-site %s` lists every one", cfg.name,
-                    len(new) - CASE_WARNINGS_SHOWN, cfg.path)
-
-
-def site_cases(cfg: SiteConfig, split: str | None = None) -> tuple[list[Case], list[CaseProblem]]:
-    """The site's usable cases (manifest order) and the problems of those left out.
-
-    ``split`` selects one split (None: all). Every case is checked (results cached per
-    file version in ``cfg.cache_dir/checks``). DICOM sources (series folders, RTSTRUCT,
-    DICOM-SEG) come back as their NIfTI conversion in ``cfg.cache_dir/converted/<case_id>/``
-    (:func:`pemma_core.data.volumes.materialise_case`), so every loader reads NIfTI. With
-    ``on_bad_case: skip`` a bad case is left out with a logged warning and its errors are returned in ``problems`` (one
-    entry per error; count distinct ``case_id`` for the number of cases skipped); with
-    ``fail`` :class:`BadCaseError` is raised listing every error of every bad case.
-    Warnings are logged (once per process), not returned.
-
-    Raises :class:`SiteDataError` when the data root, manifest or clinical CSV is unusable.
-    """
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)} or None, got {split!r}")
-    if not cfg.data_root.is_dir():
-        raise SiteDataError(f"site {cfg.name}: data_root {cfg.data_root} is not a folder (config {cfg.path})")
-    read_site_clinical(cfg)  # a site whose clinical CSV is unusable stops here
-    cases, manifest_problems = read_manifest(cfg)
-    errors = [p for p in manifest_problems if p.severity == "error"]
-    for warning in (p for p in manifest_problems if p.severity == "warning"):
-        _warn_once(cfg, str(warning))
-    usable: list[Case] = []
-    case_warnings: list[str] = []
-    for case in cases:
-        if split is not None and case.split != split:
-            continue
-        found = cached_inspect(case, cfg)
-        case_warnings += [str(p) for p in found if p.severity == "warning"]
-        case_errors = [p for p in found if p.severity == "error"]
-        if not case_errors:
-            try:  # DICOM sources -> their NIfTI conversion in the cache (done once, by the checks above)
-                case = materialise_case(case, cfg.cache_dir, label_roi=cfg.label_roi, series_uids=cfg.dicom_series)
-            except (ValueError, OSError) as exc:  # the series changed since it was checked
-                case_errors = [CaseProblem(case.case_id, None, f"DICOM conversion failed: {exc}")]
-        if case_errors:
-            errors += case_errors
-        else:
-            usable.append(case)
-    _warn_cases(cfg, case_warnings)
-    if errors and cfg.on_bad_case == "fail":
-        listing = "\n  ".join(str(p) for p in errors)
-        raise BadCaseError(f"site {cfg.name}: {len(errors)} problem(s) and on_bad_case is 'fail':\n  {listing}")
-    for problem in errors:
-        _warn_once(cfg, f"skipping: {problem}")
-    return usable, errors
-
 
 # --------------------------------------------------------------------------- transforms
 

@@ -18,7 +18,7 @@ instead of a training case; the default ``auto`` means ``eval`` for a site whose
 lists no training case at all (a held-out test site, e.g. ``sites/ibsi/test.yaml``) and
 ``train`` otherwise.
 
-Checks run afresh (the cached results of :func:`pemma_core.data.pipeline.site_cases` are
+Checks run afresh (the cached results of :func:`pemma_core.data.cases.site_cases` are
 neither read nor written) and nothing is modified.
 """
 

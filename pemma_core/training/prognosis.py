@@ -13,7 +13,6 @@ the EHR columns of the head get no gradient from it, the EHR encoder is not touc
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -21,13 +20,11 @@ import numpy as np
 import torch
 
 from pemma_core.aggregation import SiteUpdate, aggregate_round
-from pemma_core.data.clinical import MIN_EHR_ROWS
 from pemma_core.model.files import load_trainable_state, trainable_state
 from pemma_core.model.pemma import MODE_GROUPS, PemmaModel
 from pemma_core.training.local import TrainResult
 from pemma_core.training.survival import concordance, cox_partial_nll
 
-log = logging.getLogger("pemma.training")
 
 
 @dataclass
@@ -189,46 +186,6 @@ def load_cohort(cfg, roi_size: tuple[int, int, int], split: str = "train", prepr
         ehr=ehr,
     )
     return cohort, ids
-
-
-def site_ehr_stats(cfg, split: str = "train", min_rows: int = MIN_EHR_ROWS) -> tuple[dict | None, str]:
-    """:func:`pemma_core.data.clinical.partial_stats` of a site's ``split`` rows: aggregates only
-    (per numeric covariate count / sum / centred sum of squares / missing; per categorical
-    covariate the set of categories and missing), what the server needs to fit the
-    federation's :class:`~pemma_core.data.clinical.EhrPreprocessor` without any row.
-
-    A privacy floor: when any covariate has fewer than ``min_rows`` present values the
-    site sends nothing (with 2 rows, count, sum and spread give both values away).
-    Returns ``(stats or None, a one-line note saying what was sent or why nothing was)``;
-    the note is also logged.
-    """
-    from pemma_core.data.clinical import partial_stats, present_counts, read_clinical
-    from pemma_core.data.pipeline import site_cases
-
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise ValueError(f"min_rows must be an int >= 1, got {min_rows!r}")
-    if cfg.clinical is None or not cfg.clinical.covariates:
-        raise ValueError(f"site {cfg.name} ({cfg.path}) declares no EHR covariates (clinical.covariates)")
-    table, _problems = read_clinical(
-        cfg.clinical.path, cfg.clinical.id_column, cfg.clinical.time or "time", cfg.clinical.event or "event",
-        cfg.clinical.covariates, on_bad_case=cfg.on_bad_case,
-    )
-    cases, _ = site_cases(cfg, split)
-    ids = [c.case_id for c in cases if c.case_id in table.index]
-    if not ids:
-        raise ValueError(f"site {cfg.name}: no {split} case has a row in {cfg.clinical.path}")
-    stats = partial_stats(table.loc[ids], cfg.clinical.covariates)
-    present = present_counts(stats)
-    rows = "training" if split == "train" else f"{split!r}"
-    short = [f"covariate {name!r} has {n} {rows} value{'s' * (n != 1)}" for name, n in present.items() if n < min_rows]
-    if short:
-        note = f"EHR statistics withheld: {', '.join(short)}, fewer than min_ehr_rows {min_rows}"
-        log.warning("site %s: %s", cfg.name, note)
-        return None, note
-    note = (f"EHR statistics sent: {stats['rows']} {rows} rows, at least {min(present.values())} values per covariate "
-            f"(min_ehr_rows {min_rows})")
-    log.info("site %s: %s", cfg.name, note)
-    return stats, note
 
 
 def check_site_covariates(cfg, preprocessor) -> None:
