@@ -38,6 +38,7 @@ __all__ = [
     "LORA_AGGREGATIONS",
     "LowRankResult",
     "PairError",
+    "exact_conflicts",
     "exact_low_rank",
     "low_rank_pairs",
     "pooled_error",
@@ -46,6 +47,23 @@ __all__ = [
 LORA_AGGREGATIONS = ("naive", "exact")
 """``naive``: each factor averaged on its own (like every other tensor); ``exact``: the
 weighted mean of the products, re-factorised by truncated SVD."""
+
+
+def exact_conflicts(rule: str, secure: bool, server_optimizer: str) -> list[str]:
+    """Why ``exact`` cannot run with these settings (empty: it can): it needs each site's
+    factors, combined by their mean, with no server step after."""
+    out = []
+    if rule != "mean":
+        out.append(f"lora-aggregation = exact needs aggregation = mean, not {rule!r}: the robust rules combine "
+                   "each coordinate on its own, a mean of products is not one of them")
+    if secure:
+        out.append("lora-aggregation = exact cannot run with secure-aggregation = true: the server sees only the "
+                   "sums of the factors, not each site's product B A")
+    if server_optimizer != "none":
+        out.append(f"server-optimizer = {server_optimizer} cannot run with lora-aggregation = exact: the "
+                   "re-factorisation changes the factors' basis every round, so moments kept over A and B would "
+                   "mean nothing")
+    return out
 
 # (pattern of the A / down factor, how its B / up partner is named)
 _SCHEMES = (

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from pemma_core import protocol
 from pemma_core.aggregation import SiteUpdate, aggregate_round
-from pemma_core.lora_aggregation import LORA_AGGREGATIONS
+from pemma_core.lora_aggregation import LORA_AGGREGATIONS, exact_conflicts
 from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS, OptimizerState, server_step
 from pemma_core.modes import servable_modes
 from pemma_core.protocol import Instruction, Reply
@@ -301,9 +301,9 @@ class PemmaStrategy(FedAvg):
             raise ValueError(f"lora-aggregation must be one of {', '.join(LORA_AGGREGATIONS)} (got {lora_aggregation!r}), "
                              f"server-optimizer one of {', '.join(SERVER_OPTIMIZERS)} (got {server_optimizer!r}), "
                              f"server-lr > 0 (got {server_lr})")
-        if lora_aggregation == "exact" and (secure is not None or server_optimizer != "none" or rule != "mean"):
-            raise ValueError("lora-aggregation = exact needs aggregation = mean, no secure aggregation (the server "
-                             "sees only sums) and server-optimizer = none (the factors' basis changes every round)")
+        conflicts = exact_conflicts(rule, secure is not None, server_optimizer)
+        if lora_aggregation == "exact" and conflicts:
+            raise ValueError("; ".join(conflicts))
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,

@@ -370,3 +370,15 @@ def test_replies_from_nodes_not_asked_are_ignored(global_state: dict[str, np.nda
     arrays, _ = strategy.aggregate_train(1, [reply(1, "a", {"lora": global_state["lora"] + 0.1}, {"shared": 2}), stranger])
     np.testing.assert_allclose(arrays["lora"].numpy(), global_state["lora"] + 0.1, rtol=1e-6)
     assert 7 not in strategy._current.sites
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"rule": "median"}, "needs aggregation = mean"),
+    ({"secure": {"max_dropouts": 0, "min_cohort": 2}}, "only the sums"),
+    ({"server_optimizer": "fedadam"}, "basis"),
+])
+def test_the_strategy_refuses_exact_aggregation_where_it_cannot_be_exact(options: dict, reason: str) -> None:
+    """The run settings refuse these combinations first; a strategy built another way refuses them too."""
+    with pytest.raises(ValueError, match=reason):
+        PemmaStrategy("adapt", {}, GROUPS, ROI, Instruction(local_steps=1, lr=0.1, seed=0, spec=ModelSpec()),
+                      lora_aggregation="exact", **options)

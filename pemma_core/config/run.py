@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from pemma_core.aggregation import RULES
-from pemma_core.lora_aggregation import LORA_AGGREGATIONS
+from pemma_core.lora_aggregation import LORA_AGGREGATIONS, exact_conflicts
 from pemma_core.model.spec import ADAPTERS, BACKBONES, PRESETS, ModelSpec
 from pemma_core.protocol import WIRE_DTYPES
 from pemma_core.server_optimizer import SERVER_LR, SERVER_OPTIMIZERS
@@ -153,18 +153,9 @@ class RunSettings(BaseModel):
 
     @model_validator(mode="after")
     def _valid_lora_aggregation(self) -> RunSettings:
-        if self.lora_aggregation != "exact":
-            return self
-        if self.aggregation != "mean":
-            raise ValueError(f"lora-aggregation = exact needs aggregation = mean, not {self.aggregation!r}: the "
-                             "robust rules combine each coordinate on its own, a mean of products is not one of them")
-        if self.secure_aggregation:
-            raise ValueError("lora-aggregation = exact cannot run with secure-aggregation = true: the server sees "
-                             "only the sums of the factors, not each site's product B A")
-        if self.server_optimizer != "none":
-            raise ValueError(f"server-optimizer = {self.server_optimizer} cannot run with lora-aggregation = exact: "
-                             "the re-factorisation changes the factors' basis every round, so moments kept over "
-                             "A and B would mean nothing")
+        conflicts = exact_conflicts(self.aggregation, self.secure_aggregation, self.server_optimizer)
+        if self.lora_aggregation == "exact" and conflicts:
+            raise ValueError("; ".join(conflicts))
         return self
 
     @property
@@ -174,8 +165,7 @@ class RunSettings(BaseModel):
         naive rule's mean(B) mean(A) let the federated CT mode collapse on IBSI (BENCHMARKS.md)."""
         if self.lora_aggregation != "auto":
             return self.lora_aggregation
-        plain_mean = self.aggregation == "mean" and not self.secure_aggregation and self.server_optimizer == "none"
-        return "exact" if plain_mean else "naive"
+        return "naive" if exact_conflicts(self.aggregation, self.secure_aggregation, self.server_optimizer) else "exact"
 
     # ------------------------------------------------------------- reading
     @classmethod
