@@ -439,8 +439,11 @@ def aggregate_round(
        pooled over groups because with Adam-type optimisers each element moves about ``lr``
        per step whatever its group, and because a per-group median cannot tell an outlier
        apart among one or two senders; one vote per site, because a site that trains more
-       groups than the others must not outvote them.
-       A site whose rms in any group exceeds ``outlier_factor * reference`` is *rejected*,
+       groups than the others must not outvote them. A group that moves faster by design (the
+       few fusion weights; the CT groups learn at a fraction of the rate) is judged against the
+       larger of that reference and its median rms among the other senders of the group: an
+       honest fusion update read 5.7x the pooled reference on IBSI, with no attack.
+       A site whose rms in any group exceeds ``outlier_factor`` times that is *rejected*,
        not clipped: a k-times-larger update cannot be told from a scaled attack, and
        clipping it to the bound would still let a hostile site pull ``k/n`` typical steps
        every round. A reference of 0 (every site sent the global values) rejects nobody.
@@ -510,11 +513,13 @@ def aggregate_round(
             if why:
                 continue
             for group, value in sorted(values.items()):
-                if value > outlier_factor * reference:
-                    why.append(
-                        f"site {update.site!r}: group {group!r} update rms {value:.3g} exceeds "
-                        f"{outlier_factor:g} x the round's median rms {reference:.3g}"
-                    )
+                others = [moves[group] for site, moves in rms.items() if site != update.site and group in moves]
+                group_reference = float(np.median(others)) if others else 0.0
+                if value > outlier_factor * max(reference, group_reference):
+                    against = (f"the round's median rms {reference:.3g}" if reference >= group_reference else
+                               f"the median rms {group_reference:.3g} of the group's other senders")
+                    why.append(f"site {update.site!r}: group {group!r} update rms {value:.3g} exceeds "
+                               f"{outlier_factor:g} x {against}")
 
     accepted = [u for u, why in zip(updates, reasons) if not why]
     rejected = tuple(Rejection(u.site, tuple(why)) for u, why in zip(updates, reasons) if why)

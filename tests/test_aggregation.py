@@ -482,3 +482,31 @@ def test_a_site_that_sends_more_groups_gets_one_vote_in_the_outlier_reference():
     outcome = aggregate_round(global_state, updates, groups, None, min_sites=1, outlier_factor=5.0)
     assert [u.site for u in outcome.accepted] == ["site-1", "site-3"]
     assert outcome.reference_rms == pytest.approx(0.01)
+
+
+def test_a_group_that_moves_faster_by_design_is_not_an_outlier():
+    """Found in the long IBSI bench (seed 1, round 2): the fusion group moves several times more
+    per element than the others at every CT+PET site, and the CT groups learn at a fraction of the
+    rate, so site-b's honest fusion update read 5.7x the pooled reference and site-b was left out
+    of three rounds. These are that round's rms values. An update is judged against the larger of
+    the pooled reference and its group's median among the other senders: scaled tenfold, site-b's
+    fusion update is still caught."""
+    groups = {"shared": "shared", "ct": "ct", "pet": "pet", "fusion": "fusion"}
+    state = {name: np.zeros(64) for name in groups}
+    measured = {"a": {"ct": 0.0077, "shared": 0.0049},
+                "b": {"pet": 0.0046, "ct": 0.0015, "fusion": 0.021, "shared": 0.0024},
+                "c": {"pet": 0.0056, "ct": 0.0014, "fusion": 0.0162, "shared": 0.0018}}
+
+    def updates(fusion_scale: float) -> list[SiteUpdate]:
+        out = []
+        for site, moves in measured.items():
+            scale = {"fusion": fusion_scale if site == "b" else 1.0}
+            out.append(SiteUpdate(site, {g: np.full(64, rms * scale.get(g, 1.0)) for g, rms in moves.items()},
+                                  {g: 4 for g in moves}))
+        return out
+
+    honest = aggregate_round(state, updates(1.0), groups, outlier_factor=5)
+    assert not honest.rejected and honest.rms["b"]["fusion"] > 5 * honest.reference_rms
+    attacked = aggregate_round(state, updates(10.0), groups, outlier_factor=5)
+    assert [r.site for r in attacked.rejected] == ["b"]
+    assert "'fusion'" in attacked.rejected[0].reasons[0] and "other senders" in attacked.rejected[0].reasons[0]
