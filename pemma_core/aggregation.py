@@ -436,13 +436,12 @@ def aggregate_round(
        be justified).
     2. With ``outlier_factor``, the reference is the median over the validated updates of
        each one's median :func:`delta_rms` over the groups it sent (one vote per site). It is
-       pooled over groups because with Adam-type optimisers each element moves about ``lr``
-       per step whatever its group, and because a per-group median cannot tell an outlier
-       apart among one or two senders; one vote per site, because a site that trains more
-       groups than the others must not outvote them. A group that moves faster by design (the
-       few fusion weights; the CT groups learn at a fraction of the rate) is judged against the
-       larger of that reference and its median rms among the other senders of the group: an
-       honest fusion update read 5.7x the pooled reference on IBSI, with no attack.
+       pooled over groups because a per-group median cannot tell an outlier apart among one
+       or two senders; one vote per site, because a site that trains more groups than the
+       others must not outvote them. A group that moves faster by design (the few fusion
+       weights; the CT groups learn at a fraction of the rate) is judged against the larger of
+       that reference and its median rms among the other senders of the group: against the
+       pooled reference alone, honest IBSI sites were rejected (BENCHMARKS.md, "The long bench").
        A site whose rms in any group exceeds ``outlier_factor`` times that is *rejected*,
        not clipped: a k-times-larger update cannot be told from a scaled attack, and
        clipping it to the bound would still let a hostile site pull ``k/n`` typical steps
