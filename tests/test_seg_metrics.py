@@ -207,7 +207,7 @@ def test_evaluate_cases_with_an_empty_prediction_does_not_crash(monkeypatch: pyt
 
     model = _model()
     batch = _batches(model.spec, 1, spacing=1.0)[0]
-    monkeypatch.setattr(local, "predict_volume", lambda m, image, *a, **k: torch.zeros_like(batch["label"]))  # background only
+    monkeypatch.setattr(local, "_predict", lambda m, image, *a, **k: torch.zeros_like(batch["label"]))  # background only
     result = evaluate_cases(model, [batch], ["ct"])
     scores = result.case_metrics["ct"]["c0"]
     assert scores.hd95 is None and scores.nsd == 0.0 and scores.intersection == 0

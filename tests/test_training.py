@@ -103,6 +103,29 @@ def test_evaluate_reports_monais_aggregate_and_batches_do_not_change_a_case():
     assert summary.dice["ctpet"] == pytest.approx(one.dice["ctpet"], abs=1e-6)
 
 
+def test_evaluation_predicts_same_shape_cases_together_and_keeps_each_cases_score():
+    from pemma_core.training import local
+
+    model = _model()
+    s = model.spec.roi_size[0]
+    small, wide = _batches(model.spec, 3), _batches(model.spec, 1, extra=4, seed=2)
+    batches = small[:2] + wide + small[2:]
+    shapes: list[tuple[int, ...]] = []
+    real = local._predict
+    local_predict = lambda m, image, *a: shapes.append(tuple(image.shape)) or real(m, image, *a)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(local, "_predict", local_predict)
+        together = evaluate_cases(model, batches, ["ct"], keep_predictions=True)
+    assert shapes == [(2, 2, s, s, s), (1, 2, s + 4, s, s), (1, 2, s, s, s)]  # order kept, shapes never mixed
+    alone = {}
+    for batch in batches:
+        alone |= evaluate_cases(model, [batch], ["ct"], keep_predictions=True).per_case["ct"]
+    assert together.per_case["ct"] == alone and list(together.per_case["ct"]) == list(alone)
+    capped = list(local._stacked(small, max_voxels=2 * s**3))
+    assert [len(b["case_id"]) for b in capped] == [2, 1]
+    assert [c for b in capped for c in b["case_id"]] == [c for b in small for c in b["case_id"]]
+
+
 def test_evaluation_errors_are_clear():
     model = build_model(ModelSpec(preset="tiny", kind="ct-only"))
     with pytest.raises(ValueError, match="runs modes"):
