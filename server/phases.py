@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,7 @@ class Phase:
     evaluate: bool = False
     max_update_norm: float | None = None  # the user's bound: adapt only (the automatic one runs in every phase)
     server_optimizer_state: OptimizerState | None = None  # adapt: FedAdam / FedYogi moments to resume from
+    lr_scales: Mapping[str, float] = field(default_factory=dict)  # group -> its rate / the instruction's (1 where absent)
 
 
 def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, progress: Progress | None) -> PemmaStrategy:
@@ -109,6 +110,7 @@ def run_phase(grid: Grid, settings: RunSettings, run: RunDir, phase: Phase, prog
         secure={"max_dropouts": settings.secure_max_dropouts, "min_cohort": settings.secure_min_cohort}
         if settings.secure_aggregation else None,
         round_timeout=settings.round_timeout,
+        lr_scales=phase.lr_scales,
         **({"lora_aggregation": settings.lora_aggregation_rule, "server_optimizer": settings.server_optimizer,
             "server_lr": settings.server_lr} if phase.name == "adapt" else {}),  # pretrain-ct, prognosis: plain FedAvg
     )
@@ -222,7 +224,7 @@ def adapt(
         name="adapt", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=offset, num_rounds=settings.rounds - offset, save=save,
         evaluate=settings.evaluate, max_update_norm=settings.max_update_norm or None, roster=installer.roster,
-        on_round_start=installer, server_optimizer_state=moments,
+        on_round_start=installer, server_optimizer_state=moments, lr_scales=model.lr_scales,
     ), progress)
 
 
@@ -355,7 +357,7 @@ def prognosis(
     return run_phase(grid, settings, run, Phase(
         name="prognosis", state=state, groups=model.param_groups, roi_size=spec.roi_size, instruction=instruction,
         round_offset=first - 1, num_rounds=settings.prognosis_rounds, save=_adapter_saver(model, "prognosis", extra),
-        roster=installer.roster, on_round_start=installer,
+        roster=installer.roster, on_round_start=installer, lr_scales=model.lr_scales,
     ), progress)
 
 

@@ -292,6 +292,7 @@ class PemmaStrategy(FedAvg):
         lora_aggregation: str = "naive",
         server_optimizer: str = "none",
         server_lr: float = SERVER_LR,
+        lr_scales: Mapping[str, float] | None = None,
     ) -> None:
         if phase not in protocol.PHASES:
             raise ValueError(f"unknown phase {phase!r}: expected one of {', '.join(protocol.PHASES)}")
@@ -316,6 +317,9 @@ class PemmaStrategy(FedAvg):
         self.phase = phase
         self.global_state = {k: np.asarray(v, dtype=np.asarray(v).dtype).copy() for k, v in global_state.items()}
         self.groups = dict(groups)
+        # The fastest group's rate (each group learns at instruction.lr x its scale, 1 where absent): what
+        # bounds how far one local round moves an element, so what secure aggregation's range must cover.
+        self.max_lr_scale = max(float((lr_scales or {}).get(g, 1.0)) for g in set(self.groups.values()) or {""})
         self.roi_size = tuple(roi_size)
         self.instruction = instruction
         self.roster = roster
@@ -475,7 +479,7 @@ class PemmaStrategy(FedAvg):
                 limit = a.max_examples if a is not None else None
                 bound = min(x for x in (cap, limit, protocol.MAX_COUNT) if x is not None)
                 weight_scale[g] = max(weight_scale.get(g, 1), int(bound))
-        span = ADAM_RANGE_FACTOR * float(self.instruction.lr) * int(self.instruction.local_steps)
+        span = ADAM_RANGE_FACTOR * float(self.instruction.lr) * self.max_lr_scale * int(self.instruction.local_steps)
         sr = open_round(grid, record.round, nodes, self._joined(nodes), self.groups,
                         {k: v.shape for k, v in self.global_state.items()}, groups_of, weight_scale, span,
                         int(self.secure["max_dropouts"]), int(self.secure["min_cohort"]), self._timeout,

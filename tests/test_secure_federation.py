@@ -127,6 +127,21 @@ def test_a_group_below_the_minimum_cohort_is_not_aggregated(
     assert "below secure-min-cohort 3" in secure.report.read_text()
 
 
+def test_the_range_covers_a_group_that_learns_faster_than_the_adapt_rate(
+    tmp_path: Path, federation: list[Path], backbone_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Adam's first step moves every element with a gradient by exactly its rate, so a PET group at 8x
+    # the adapt rate moves 16 lr in 2 steps: beyond a range of 4 lr per step unless the range grows with it.
+    from pemma_core.model import pemma
+
+    monkeypatch.setitem(pemma.GROUP_LR_SCALES, "pet", 8.0)
+    secure, _ = run(tmp_path / "secure", federation, backbone_file, secure_aggregation=True, rounds=1, local_steps=2)
+    record = secure.metrics()["rounds"][0]
+    lr = json.loads((tmp_path / "secure" / "run.json").read_text())["lr"]
+    assert all(s["status"] == "ok" and s["secure_clipped"] == 0 for s in record["sites"]), record["sites"]
+    assert record["secure_aggregation"]["clip_range"] == pytest.approx(4.0 * 8.0 * lr * 2)
+
+
 def test_dp_sites_report_epsilon_never_above_the_target(tmp_path: Path, federation: list[Path], backbone_file: Path) -> None:
     target = 8.0
     run_dir, grid = run(tmp_path / "dp", federation, backbone_file, secure_aggregation=True, dp_target_epsilon=target,
