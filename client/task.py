@@ -261,8 +261,9 @@ def _site_optimizer(site: SiteConfig, instruction: Instruction, model: Segmentat
     trained optimiser): its moments from the site's last round of this run are carried on
     (:mod:`pemma_core.training.optimizer` says why)."""
     from pemma_core.training import optimizer as optimizers
+    from pemma_core.training.local import on_device
 
-    model.to(device)  # before the optimiser: carried moments are put where their tensors are
+    on_device(model, device)  # before the optimiser: carried moments are put where their tensors are
     owner = f"{model.fingerprint}:{model.spec.to_json()}"
     path = _optimizer_file(site, instruction.run) if instruction.run else None
     carried = optimizers.load_moments(path, owner, int(instruction.round)) if path else None
@@ -310,7 +311,7 @@ def train_site(
             for g in model.groups_for_mode(mode):
                 examples[g] = examples.get(g, 0) + n
     trained = {g for g, n in examples.items() if n > 0 and g in may_send}
-    state = trainable_state(model.cpu())
+    state = trainable_state(model)  # CPU copies: the model stays on its device for the next round
     sent = {k: v for k, v in state.items() if groups[k] in trained}
     out = protocol.to_wire(sent, str(instruction.wire_dtype))
     refuse_large_upload(site, out)

@@ -283,6 +283,35 @@ def test_clinical_missing_column(copy_phantom_site, tmp_path: Path) -> None:
         site_cases(private_cfg(yaml_path, tmp_path))
 
 
+def test_manifest_and_clinical_csv_are_parsed_once_per_version_of_the_file(
+    copy_phantom_site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A site re-reads both at every round: unchanged files are not parsed again, edited ones are.
+    from pemma_core.data import checks, manifest as manifest_module
+
+    yaml_path = copy_phantom_site(2)
+    cfg = private_cfg(yaml_path, tmp_path)
+    parsed: list[str] = []
+    read_table, read_clinical = manifest_module._read_table, checks.read_clinical
+    monkeypatch.setattr(manifest_module, "_read_table", lambda path: parsed.append("manifest") or read_table(path))
+    monkeypatch.setattr(checks, "read_clinical", lambda *a, **k: parsed.append("clinical") or read_clinical(*a, **k))
+    cases = site_cases(cfg)[0]
+    assert site_cases(cfg)[0] == cases and parsed == ["clinical", "manifest"]
+    read_manifest(cfg)[0].clear()  # what one caller does with its lists does not reach the next
+    checks.read_site_clinical(cfg)[0].drop(index=checks.read_site_clinical(cfg)[0].index, inplace=True)
+    assert read_manifest(cfg)[0] == cases and len(checks.read_site_clinical(cfg)[0]) > 0
+    assert parsed == ["clinical", "manifest"]
+
+    manifest = yaml_path.parent / "manifest.csv"
+    rows = list(csv.reader(manifest.open()))
+    with manifest.open("w", newline="") as stream:
+        csv.writer(stream).writerows(rows[:-1])
+    clinical = yaml_path.parent / "clinical.csv"
+    clinical.write_text(clinical.read_text() + "\n")
+    assert [c.case_id for c in site_cases(cfg)[0]] == [c.case_id for c in cases[:-1]]
+    assert parsed == ["clinical", "manifest"] * 2
+
+
 def test_missing_data_root(copy_phantom_site, tmp_path: Path) -> None:
     cfg = private_cfg(copy_phantom_site(0), tmp_path, data_root=tmp_path / "nowhere")
     with pytest.raises(SiteDataError, match="nowhere is not a folder"):

@@ -11,8 +11,8 @@ from monai.networks.utils import one_hot
 
 from pemma_core.model.factory import build_model
 from pemma_core.model.spec import ModelSpec, build_backbone
-from pemma_core.training.local import (evaluate, evaluate_cases, mode_sampler, predict_volume, segmentation_loss,
-                                       train_local, train_step)
+from pemma_core.training.local import (evaluate, evaluate_cases, mode_sampler, on_device, predict_volume,
+                                       segmentation_loss, train_local, train_step)
 from pemma_core.training.optimizer import make_optimizer
 
 MODES = ["ct", "pet", "ctpet"]
@@ -53,6 +53,20 @@ def test_train_local_is_a_loop_over_train_step():
     assert result.loss == sum(losses) / steps
     for (name, a), b in zip(looped.state_dict().items(), stepped.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_training_and_evaluation_leave_a_model_on_its_device_where_it_is(monkeypatch: pytest.MonkeyPatch):
+    # A site keeps its model between rounds: Module.to walks every module even when nothing moves.
+    model = _model()
+    batches = _batches(model.spec, 1)
+    moved: list[str] = []
+    apply = torch.nn.Module._apply
+    monkeypatch.setattr(torch.nn.Module, "_apply",
+                        lambda self, *a, **k: moved.append(type(self).__name__) or apply(self, *a, **k))
+    train_local(model, batches, MODES, steps=1)
+    predict_volume(model, batches[0]["image"], "ct")
+    assert moved == []
+    assert on_device(model, "meta") is model and moved and {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_the_loss_does_not_reward_a_model_that_misses_a_small_tumour():

@@ -28,6 +28,7 @@ import pandas as pd
 from pemma_core.config.site import SiteConfig
 from pemma_core.data.clinical import ClinicalDataError, ClinicalProblem, read_clinical
 from pemma_core.data.dicom import DicomError, tag_text
+from pemma_core.data.file_memo import FileMemo
 from pemma_core.data.manifest import ROLE_NAMES, SPLITS, Case, CaseProblem, SiteDataError
 from pemma_core.data.volumes import CorruptFileError, Volume, is_dicom_source, read_volume, source_stamp, verify_gzip
 
@@ -58,10 +59,17 @@ def read_site_clinical(cfg: SiteConfig) -> tuple[pd.DataFrame, list[ClinicalProb
     spec = cfg.clinical
     if spec is None:
         return None
+    covariates = tuple(sorted((spec.covariates or {}).items()))
+    key = (str(spec.path), spec.id_column, spec.time, spec.event, covariates)
     try:
-        return read_clinical(spec.path, spec.id_column, spec.time, spec.event, spec.covariates)
+        table, problems = _CLINICAL.get(key, [spec.path], lambda: read_clinical(
+            spec.path, spec.id_column, spec.time, spec.event, spec.covariates))
     except (ClinicalDataError, FileNotFoundError) as exc:
         raise SiteDataError(str(exc)) from None
+    return table.copy(), list(problems)
+
+
+_CLINICAL: FileMemo[tuple[pd.DataFrame, list[ClinicalProblem]]] = FileMemo()  # read once per version of the CSV
 
 
 @dataclass(frozen=True)

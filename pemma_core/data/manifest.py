@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from pemma_core.config.site import SiteConfig
+from pemma_core.data.file_memo import FileMemo
 
 __all__ = [
     "SPLITS",
@@ -93,6 +94,9 @@ def _read_table(path: Path) -> pd.DataFrame:
     return table
 
 
+_MANIFESTS: FileMemo[tuple[list[Case], list[CaseProblem]]] = FileMemo()
+
+
 def read_manifest(cfg: SiteConfig) -> tuple[list[Case], list[CaseProblem]]:
     """Rows of the site manifest as cases (manifest order) plus row-level problems.
 
@@ -103,6 +107,12 @@ def read_manifest(cfg: SiteConfig) -> tuple[list[Case], list[CaseProblem]]:
     Raises :class:`SiteDataError` when the manifest is missing or lacks a column
     (``case_id``, ``split``, ``label``, plus ``ct``/``pet`` for each image modality held).
     """
+    key = (str(cfg.manifest), str(cfg.data_root), tuple(cfg.modalities))
+    cases, problems = _MANIFESTS.get(key, [cfg.manifest], lambda: _parse_manifest(cfg))
+    return list(cases), list(problems)
+
+
+def _parse_manifest(cfg: SiteConfig) -> tuple[list[Case], list[CaseProblem]]:
     table = _read_table(cfg.manifest)
     needed = ["case_id", "split", "label"] + [m for m in IMAGE_KEYS if m in cfg.modalities]
     absent = [c for c in needed if c not in table.columns]

@@ -40,8 +40,8 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of exactly the trainable tensors, keyed by parameter name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of exactly the trainable tensors, keyed by parameter name (the model stays where it is)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool = False) -> None:
