@@ -27,7 +27,7 @@ round of each phase.
 
 Each item of ``rounds`` (and ``pretrain_rounds``) holds ``phase``, ``round``,
 ``wall_seconds`` (train + evaluate), ``train_wall_seconds`` (sending the global
-tensors to collecting every reply, aggregation included), ``aggregation_seconds``,
+tensors to collecting every reply; aggregation not included), ``aggregation_seconds``,
 ``aggregated``, ``note``, ``contributors`` (group -> sites aggregated) and ``sites``: one
 entry per site with ``name``, ``status`` (ok / clipped / rejected / failed), ``reason``,
 ``clip_factor`` (clipped), ``bytes_up``, ``bytes_down``, ``train_seconds``,
