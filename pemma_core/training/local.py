@@ -153,8 +153,8 @@ def on_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Mo
     """``model`` with every parameter and buffer on ``device``, moved only if one is elsewhere.
 
     A site keeps its model between rounds (``client.task``) and reaches this several times a
-    round; ``Module.to`` walks every module even when nothing moves, which costs as much as
-    a few training steps of the tiny preset when sites train side by side in threads."""
+    round; ``Module.to`` walks every module even when nothing moves, Python work that sites
+    training side by side in threads wait on (BENCHMARKS.md, the default demo's wall time)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # tensors always name their CUDA device
         device = torch.device("cuda", torch.cuda.current_device())
