@@ -41,6 +41,7 @@ from benchmarks.targets import targets
 from pemma_core import console
 from pemma_core.model.spec import ModelSpec
 from pemma_core.training.local import SEGMENTATION_LOSS
+from pemma_core.training.threads import fitting_threads
 
 __all__ = ["Progress", "compared_lora_rules", "environment", "run_bench"]
 
@@ -79,11 +80,10 @@ def run_bench(config: BenchConfig, command: str, say: Say, resume: bool = False)
     """The whole benchmark; returns (and keeps writing) the result dictionary. ``resume``: continue
     the unfinished run in ``config.out`` (same settings); otherwise an existing run there is refused."""
     threads_before = torch.get_num_threads()
-    if config.threads is None and config.device == "cpu" and os.getloadavg()[0] >= 1.0:
-        # Shared cores: OpenMP threads of one process wait on each other while other jobs run;
-        # one thread per process is then much faster (BENCHMARKS.md, threads).
-        config.threads = 1
-        config.threads_reason = f"auto: load average {os.getloadavg()[0]:.1f} at the start"
+    fitting, why = fitting_threads(config.device)
+    if config.threads is None and why is not None:  # shared cores: pemma_core.training.threads says why
+        config.threads = fitting
+        config.threads_reason = f"auto: {why} at the start"
     if config.threads:
         torch.set_num_threads(config.threads)
     try:

@@ -90,7 +90,9 @@ def default_site_workers(n_sites: int, cores: int | None = None, gpu: bool | Non
     if gpu:
         return 1
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from pemma_core.training.threads import available_cores
+
+        cores = available_cores()
     return max(1, min(n_sites, 2 * cores))
 
 
@@ -351,10 +353,17 @@ def run(args: argparse.Namespace) -> int:
         adversaries = parse_adversaries(args.adversary)
     except ValueError as exc:
         raise console.UsageError(str(exc)) from exc
+    import torch
+
+    from pemma_core.training.threads import threads_for_this_machine
+
     started = time.perf_counter()
     try:
-        path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries,
-                        engine=args.engine, site_workers=args.site_workers)
+        with threads_for_this_machine("cuda" if torch.cuda.is_available() else "cpu") as cut:
+            if cut:
+                console.say(f"pemma simulate: {cut} (other jobs share the cores)", file=sys.stdout)
+            path = simulate(settings, verbose=console.verbosity() >= console.VERBOSE, adversaries=adversaries,
+                            engine=args.engine, site_workers=args.site_workers)
     except AdversarySiteError as exc:
         raise console.UsageError(str(exc)) from exc
     from server.report import overhead_share, pooled_c_index_text

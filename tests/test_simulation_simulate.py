@@ -4,6 +4,7 @@ then evaluate and predict."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,13 @@ RUN_OPTIONS = ("--rounds", "2", "--pretrain-rounds", "1", "--local-steps", "1", 
                "3", "--wire-dtype", "float16", "--prognosis-rounds", "1", "--prognosis-steps", "2")
 
 
+# Both engines at one intra-op thread, whatever the machine's load: their numbers are compared.
+PINNED_THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def pemma(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pemma_core.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "pemma_core.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=PINNED_THREADS)
 
 
 @pytest.fixture(scope="module")
