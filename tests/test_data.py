@@ -298,7 +298,8 @@ def test_manifest_and_clinical_csv_are_parsed_once_per_version_of_the_file(
     cases = site_cases(cfg)[0]
     assert site_cases(cfg)[0] == cases and parsed == ["clinical", "manifest"]
     read_manifest(cfg)[0].clear()  # what one caller does with its lists does not reach the next
-    checks.read_site_clinical(cfg)[0].drop(index=checks.read_site_clinical(cfg)[0].index, inplace=True)
+    table = checks.read_site_clinical(cfg)[0]
+    table.drop(index=table.index, inplace=True)
     assert read_manifest(cfg)[0] == cases and len(checks.read_site_clinical(cfg)[0]) > 0
     assert parsed == ["clinical", "manifest"]
 

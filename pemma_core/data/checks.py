@@ -49,6 +49,9 @@ AFFINE_ATOL_MM = 1e-2  # label and image affines must agree to 0.01 mm (float32 
 _CHECKS_VERSION = 2  # bump when a check changes, to invalidate cached check results
 
 
+_CLINICAL: FileMemo[tuple[pd.DataFrame, list[ClinicalProblem]]] = FileMemo()  # read once per version of the CSV
+
+
 def read_site_clinical(cfg: SiteConfig) -> tuple[pd.DataFrame, list[ClinicalProblem]] | None:
     """The site's clinical table (:func:`~pemma_core.data.clinical.read_clinical`, bad rows
     left out and returned), None when the site has no clinical CSV.
@@ -67,9 +70,6 @@ def read_site_clinical(cfg: SiteConfig) -> tuple[pd.DataFrame, list[ClinicalProb
     except (ClinicalDataError, FileNotFoundError) as exc:
         raise SiteDataError(str(exc)) from None
     return table.copy(), list(problems)
-
-
-_CLINICAL: FileMemo[tuple[pd.DataFrame, list[ClinicalProblem]]] = FileMemo()  # read once per version of the CSV
 
 
 @dataclass(frozen=True)
