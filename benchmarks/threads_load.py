@@ -45,6 +45,7 @@ def measure(preset: str = "tiny", steps: int = 5, repeats: int = 2) -> dict:
     batch = {"image": torch.randn(2, 2, *size), "label": (torch.rand(2, 1, *size) > 0.9).long()}
     step = make_step(model, batch, "ctpet", torch.device("cpu"))
     before = torch.get_num_threads()
+    load_at_start = list(os.getloadavg())
     rows = []
     try:
         for repeat in range(repeats):
@@ -63,7 +64,8 @@ def measure(preset: str = "tiny", steps: int = 5, repeats: int = 2) -> dict:
     finally:
         torch.set_num_threads(before)
     return {"preset": preset, "steps": steps, "cores": available_cores(), "platform": platform.platform(),
-            "processor": platform.processor(), "load_average_start": list(os.getloadavg()), "rows": rows}
+            "processor": platform.processor(), "load_average_start": load_at_start,
+            "load_average_end": list(os.getloadavg()), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
