@@ -55,7 +55,7 @@ def test_train_local_is_a_loop_over_train_step():
         assert torch.equal(a, b), name
 
 
-def test_training_and_evaluation_leave_a_model_on_its_device_where_it_is(monkeypatch: pytest.MonkeyPatch):
+def test_training_and_prediction_leave_a_model_on_its_device_where_it_is(monkeypatch: pytest.MonkeyPatch):
     # A site keeps its model between rounds: Module.to walks every module even when nothing moves.
     model = _model()
     batches = _batches(model.spec, 1)
