@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -273,20 +274,25 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
     ``adversaries`` (site name -> kind of :data:`simulation.adversary.ADVERSARY_KINDS`)
     make those sites misbehave; they are recorded in the run info (``adversaries``).
     """
-    from client.client_app import make_client_app
     from pemma_core.phantoms.coordination import ensure_phantom_federation
-    from server.report import write_report
-    from server.run_dir import RunDir
-    from server.server_app import make_server_app
-    from simulation.adversary import ADVERSARY_KINDS, adversary_mod, check_adversary_sites
-    from simulation.predict import write_overlay
 
-    _quiet_flower(verbose)
     # The sites are known before Flower starts: one simulated SuperNode per site YAML (the
-    # phantom federation is written here, by the simulation, never by the server).
-    sites = settings.site_config_list() or ensure_phantom_federation(
-        settings.resolved_federation_dir(), settings.phantom_sites, settings.phantom_cases, settings.seed
-    )
+    # phantom federation is written here, by the simulation, never by the server). The
+    # phantoms are written while the model stack is imported: both take seconds, and each
+    # leaves a core idle part of the time (BENCHMARKS.md, the default demo's wall time).
+    with ThreadPoolExecutor(1, thread_name_prefix="pemma-phantoms") as pool:
+        written = None if settings.site_config_list() else pool.submit(
+            ensure_phantom_federation, settings.resolved_federation_dir(), settings.phantom_sites,
+            settings.phantom_cases, settings.seed)
+        from client.client_app import make_client_app
+        from server.report import write_report
+        from server.run_dir import RunDir
+        from server.server_app import make_server_app
+        from simulation.adversary import ADVERSARY_KINDS, adversary_mod, check_adversary_sites
+        from simulation.predict import write_overlay
+
+        sites = settings.site_config_list() if written is None else written.result()
+    _quiet_flower(verbose)
     settings.site_configs = ",".join(str(p) for p in sites)
     adversaries = dict(adversaries or {})
     mods = []

@@ -339,3 +339,29 @@ def test_a_tensor_declared_in_two_groups_is_refused():
 
     with pytest.raises(ValueError, match="declared in both group 'ct' and 'pet'"):
         parameter_groups(Twice())
+
+
+@pytest.mark.parametrize("kind", ["pemma", "early-fusion", "cnn-early-fusion"])
+def test_a_model_walks_its_modules_for_its_parameters_once_and_again_after_a_move(kind, monkeypatch):
+    model = build_model(ModelSpec(kind=kind))
+    walked = list(torch.nn.Module.named_parameters(model))
+    walks = []
+    named_modules = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        if self is model:
+            walks.append(1)
+        return named_modules(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+    for _ in range(3):
+        assert list(model.named_parameters()) == walked
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for _, p in walked)
+    assert len(walks) <= 1  # kept from the first call on (a site asks a dozen times a round)
+    # A move may give the model new parameter objects (PyTorch's swap on conversion): the list follows them.
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    model.to(torch.float64)
+    after = list(model.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in walked]
+    assert all(p.dtype == torch.float64 for _, p in after)
+    assert after == list(torch.nn.Module.named_parameters(model))

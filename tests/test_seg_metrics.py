@@ -70,6 +70,33 @@ def test_identical_and_shifted_boxes() -> None:
     assert case_metrics(moved, box, tolerance=2.0).nsd == pytest.approx(1.0)
 
 
+def test_hd95_and_surface_dice_are_monais_from_one_surface_distance_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice, hausdorff_distance, surface_dice
+    from monai.metrics import utils as monai_utils
+
+    passes = []
+    edge_distances = monai_utils.get_edge_surface_distance
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return edge_distances(*args, **kwargs)
+
+    for module in (monai_utils, hausdorff_distance, surface_dice):  # wherever MONAI's metrics look it up
+        monkeypatch.setattr(module, "get_edge_surface_distance", counted)
+    for (pred, label), spacing in zip(_random_cases(6, seed=3), [None, (1.0, 1.0, 1.0), (2.0, 0.7, 3.1)] * 2):
+        p, g = torch.as_tensor(pred == 1), torch.as_tensor(label == 1)
+        one_hot = [torch.stack([~m, m])[None].float() for m in (p, g)]
+        space = None if spacing is None else [list(spacing)]
+        passes.clear()
+        scores = case_metrics(pred, label, spacing=spacing, tolerance=1.5)
+        assert len(passes) == 1  # HD95 and surface Dice share MONAI's edges and distances
+        passes.clear()
+        hd = float(compute_hausdorff_distance(*one_hot, percentile=95, spacing=space)[0, 0])
+        nsd = float(compute_surface_dice(*one_hot, class_thresholds=[1.5], spacing=space)[0, 0])
+        assert scores.hd95 == pytest.approx(hd, rel=1e-6)
+        assert scores.nsd == pytest.approx(nsd, rel=1e-6)
+
+
 def test_empty_masks_have_a_decided_value_and_never_a_non_finite_one() -> None:
     empty, label = np.zeros(SHAPE, np.int64), _voxel(5)
     missed = case_metrics(empty, label)

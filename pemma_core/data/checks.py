@@ -307,11 +307,8 @@ def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
     store = cfg.cache_dir / "checks" / f"{key}.json"
     if store.is_file():
         try:
-            return [
-                CaseProblem(p["case_id"], None if p["file"] is None else Path(p["file"]), p["problem"], p["severity"])
-                for p in json.loads(store.read_text())
-            ]
-        except (ValueError, KeyError, TypeError):
+            return list(_STORED_CHECKS.get(store, [store], lambda: _read_checks(store)))
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged entry is simply recomputed
     problems = inspect_case(case, cfg, convert=True)
     try:
@@ -320,6 +317,16 @@ def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
     except OSError:
         pass  # a read-only cache only costs time
     return problems
+
+
+def _read_checks(store: Path) -> tuple[CaseProblem, ...]:
+    return tuple(
+        CaseProblem(p["case_id"], None if p["file"] is None else Path(p["file"]), p["problem"], p["severity"])
+        for p in json.loads(store.read_text())
+    )
+
+
+_STORED_CHECKS: FileMemo[tuple[CaseProblem, ...]] = FileMemo(size=4096)  # a site's cases are checked every round
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

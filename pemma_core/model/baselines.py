@@ -50,6 +50,7 @@ class FullModel(FullyTrainedModel):
             self.modes = ("ct",) if spec.kind == "ct-only" else ("pet",)
         for p in self.net.parameters():
             p.requires_grad_(True)
+        self.seal()
 
     def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         self.check_input(image, mode)
@@ -92,6 +93,7 @@ class CnnModel(FullyTrainedModel):
         self.spec = spec
         self.fingerprint = ""
         self.net = SegResNet(spatial_dims=3, init_filters=CNN_INIT_FILTERS, in_channels=2, out_channels=spec.out_channels)
+        self.seal()
 
     def forward(self, image: torch.Tensor, mode: str) -> torch.Tensor:
         self.check_input(image, mode)

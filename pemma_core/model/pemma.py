@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -105,6 +105,34 @@ class SegmentationModel(nn.Module):
     def roi_size(self) -> tuple[int, int, int]:
         return self.spec.roi_size
 
+    # A site reaches named_parameters a dozen times a round (loading the global tensors, its
+    # optimiser, every training step, its reply), and nn.Module walks every module each time
+    # (682 in the tiny PEMMA model): Python work that holds the interpreter lock while the
+    # other sites' threads train (BENCHMARKS.md, the default demo's wall time). Once a model's
+    # modules are all in place (:meth:`seal`), the list is walked once and kept; moving the
+    # model (``Module._apply``, which may swap parameters for new ones) drops it.
+    def seal(self) -> None:
+        """Say that this model's modules are final: from now on its parameter list is kept."""
+        self.__dict__["_sealed"] = True
+        self.__dict__.pop("_named_parameters", None)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        if prefix or not recurse or not remove_duplicate or not self.__dict__.get("_sealed"):
+            return super().named_parameters(prefix, recurse, remove_duplicate)
+        kept = self.__dict__.get("_named_parameters")
+        if kept is None:
+            kept = self.__dict__["_named_parameters"] = tuple(super().named_parameters())
+        return iter(kept)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_named_parameters", None)
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            self.__dict__.pop("_named_parameters", None)
+        super().__setattr__(name, value)
+
     @property
     def param_groups(self) -> dict[str, str]:
         raise NotImplementedError
@@ -192,6 +220,7 @@ class PemmaModel(SegmentationModel):
             p.requires_grad_(name in self._groups)
         if not any(g == "shared" for g in self._groups.values()):
             raise ValueError(f"targets {spec.targets} matched no attention module in {spec.backbone}")
+        self.seal()
 
     @property
     def param_groups(self) -> dict[str, str]:

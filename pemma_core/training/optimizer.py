@@ -71,14 +71,23 @@ def make_optimizer(model: torch.nn.Module, lr: float,
         key = {m: f"{m}/{name}" for m in (*_MOMENTS, "step")}
         if not all(k in carried for k in key.values()) or any(carried[key[m]].shape != tuple(p.shape) for m in _MOMENTS):
             continue
-        exp_avg = torch.as_tensor(np.array(carried[key["exp_avg"]]), dtype=p.dtype, device=p.device)
-        exp_avg_sq = torch.as_tensor(np.array(carried[key["exp_avg_sq"]]), dtype=p.dtype, device=p.device)
+        exp_avg, exp_avg_sq = carried[key["exp_avg"]], carried[key["exp_avg_sq"]]
         if name in factors:
-            exp_avg = torch.zeros_like(exp_avg)
-            exp_avg_sq = torch.full_like(exp_avg_sq, float(exp_avg_sq.mean()))
-        optimizer.state[p] = {"step": torch.tensor(float(carried[key["step"]])), "exp_avg": exp_avg,
-                              "exp_avg_sq": exp_avg_sq}
+            exp_avg = np.zeros(p.shape, dtype=np.float32)
+            exp_avg_sq = np.full(p.shape, exp_avg_sq.mean(dtype=np.float64), dtype=np.float32)
+        optimizer.state[p] = {"step": torch.tensor(float(carried[key["step"]])), "exp_avg": _state_tensor(exp_avg, p),
+                              "exp_avg_sq": _state_tensor(exp_avg_sq, p)}
     return optimizer
+
+
+def _state_tensor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a new tensor of ``like``'s dtype and device. Built in numpy and wrapped, not
+    by PyTorch ops: a site sets up its optimiser while other sites' threads train, and each
+    small PyTorch op releases the interpreter lock and then waits to get it back
+    (BENCHMARKS.md, the default demo's wall time)."""
+    array = np.array(values, dtype=np.float32)  # a copy: the carried arrays stay as loaded
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == like.dtype and tensor.device == like.device else tensor.to(like.device, like.dtype)
 
 
 def carried_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -3,9 +3,9 @@
 Pure functions on class maps (no model, no Flower):
 
 * :func:`case_metrics` scores one case: HD95 and surface Dice (normalised surface
-  distance, NSD) with MONAI's ``compute_hausdorff_distance(percentile=95)`` and
-  ``compute_surface_dice`` in millimetres when the voxel spacing is known (else in
-  voxels), plus the overlap counts ``intersection`` = |P ∩ G| and ``volume_sum`` =
+  distance, NSD) as MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+  ``compute_surface_dice`` give them (from one pass of MONAI's surface distances), in
+  millimetres when the voxel spacing is known (else in voxels), plus the overlap counts ``intersection`` = |P ∩ G| and ``volume_sum`` =
   |P| + |G| in voxels;
 * :func:`aggregated_dice` is the HECKTOR aggregated Dice, ``sum 2·I / sum (|P| + |G|)``
   over cases. The sums add up across sites, so a federation computes it exactly from each
@@ -103,15 +103,21 @@ def _as_map(mask: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _surface_scores(p: torch.Tensor, g: torch.Tensor, spacing: Sequence[float] | None, tolerance: float) -> tuple[float | None, float]:
-    """HD95 and surface Dice of two non-empty boolean masks [X, Y, Z] (MONAI)."""
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    """HD95 and surface Dice of two non-empty boolean masks [X, Y, Z].
 
-    # [1, 2, X, Y, Z] one-hot (background, foreground); MONAI skips the background channel.
-    pred = torch.stack([~p, p])[None].float()
-    label = torch.stack([~g, g])[None].float()
-    space = None if spacing is None else [list(map(float, spacing))]
-    hd = float(compute_hausdorff_distance(pred, label, percentile=95, spacing=space)[0, 0])
-    nsd = float(compute_surface_dice(pred, label, class_thresholds=[float(tolerance)], spacing=space)[0, 0])
+    What MONAI's ``compute_hausdorff_distance(percentile=95)`` and ``compute_surface_dice``
+    return, from one call of the surface-distance pass both of them make (MONAI's
+    ``get_edge_surface_distance``, symmetric, edge voxels as the boundary): the distance
+    transforms are most of a site's evaluation time, and each function would compute them again.
+    """
+    from monai.metrics import utils as monai_metrics
+
+    _, (pred_to_label, label_to_pred), _ = monai_metrics.get_edge_surface_distance(
+        p, g, distance_metric="euclidean", spacing=None if spacing is None else [float(s) for s in spacing], symmetric=True,
+    )
+    hd = max(float(torch.quantile(d, 0.95)) for d in (pred_to_label, label_to_pred))
+    within = int((pred_to_label <= float(tolerance)).sum()) + int((label_to_pred <= float(tolerance)).sum())
+    nsd = within / (pred_to_label.numel() + label_to_pred.numel())
     return (hd if math.isfinite(hd) else None), (nsd if math.isfinite(nsd) else 0.0)
 
 
