@@ -29,6 +29,7 @@ all aggregate through it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ def one_group(state: Mapping[str, np.ndarray], group: str = FULL_GROUP) -> dict[
     return {name: group for name in state}
 
 
+@functools.lru_cache(maxsize=64)  # a round asks for every tensor of every update, in few dtypes
 def _dtype_family(dtype: np.dtype) -> str:
     for family, kind in (("bool", np.bool_), ("integer", np.integer), ("floating", np.floating), ("complex", np.complexfloating)):
         if np.issubdtype(dtype, kind):
@@ -216,7 +218,11 @@ def aggregate_adapters(
 
 
 def _l2(array: np.ndarray) -> float:
-    """L2 norm in float64 that does not overflow for huge finite entries (scaled by the largest)."""
+    """L2 norm in float64 that neither overflows for huge finite entries nor underflows for
+    tiny ones (then scaled by the largest)."""
+    norm = float(np.linalg.norm(array))
+    if 1e-150 < norm < 1e150:
+        return norm
     largest = float(np.max(np.abs(array), initial=0.0))
     return largest * float(np.linalg.norm(array / largest)) if largest > 0 else 0.0
 
@@ -571,17 +577,20 @@ def _low_rank_pass(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Step 5 of :func:`aggregate_round`: per ``mean`` group, the naive error over its pairs
     (pooled, largest) and, under ``exact``, ``state``'s pairs replaced (in place)."""
-    errors: dict[str, list] = {}
+    bundles: dict[tuple[str, tuple[int, ...]], dict[str, str]] = {}  # (group, senders) -> its pairs, one call each
     for a_name, b_name in sorted(pairs.items()):
         group = groups.get(a_name)
         if group is None or _rule_of(rule, group) != "mean":
             continue
-        senders = [u for u in effective if a_name in u.tensors or b_name in u.tensors]
-        if not senders or any(a_name not in u.tensors or b_name not in u.tensors for u in senders):
+        senders = tuple(i for i, u in enumerate(effective) if a_name in u.tensors or b_name in u.tensors)
+        if not senders or any(a_name not in effective[i].tensors or b_name not in effective[i].tensors for i in senders):
             continue  # nobody trained it, or (naive only: exact rejected them) a half-sent pair
-        result = exact_low_rank([u.tensors for u in senders], [float(u.examples.get(group, 0)) for u in senders],
-                                {a_name: b_name})
-        errors.setdefault(group, []).append(result.errors[a_name])
+        bundles.setdefault((group, senders), {})[a_name] = b_name
+    errors: dict[str, list] = {}
+    for (group, senders), bundle in bundles.items():
+        result = exact_low_rank([effective[i].tensors for i in senders],
+                                [float(effective[i].examples.get(group, 0)) for i in senders], bundle)
+        errors.setdefault(group, []).extend(result.errors[a_name] for a_name in bundle)
         if lora_aggregation == "exact":
             for name, value in result.tensors.items():
                 state[name] = value.astype(np.asarray(global_state[name]).dtype)

@@ -129,30 +129,33 @@ class LowRankResult:
 
 
 def _svd(m: np.ndarray, left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The SVD of ``m = left @ right`` (``left`` ``[out, c]``, ``right`` ``[c, in]``, ``c`` = sites x
-    rank): through QR of the thin factors, so only a ``c x c`` core is decomposed (a dense SVD
-    of every attention projection would cost ``out x in`` work per pair). The dense SVD is
-    used where ``rank`` exceeds ``min(out, in)``, which needs a full set of right vectors."""
-    out_dim, in_dim = m.shape
-    if rank > min(out_dim, in_dim) or left.shape[1] >= min(out_dim, in_dim):
+    """The SVD of ``m = left @ right`` (``left`` ``[..., out, c]``, ``right`` ``[..., c, in]``,
+    ``c`` = sites x rank; a stack of pairs of one shape at once): through QR of the thin
+    factors, so only a ``c x c`` core is decomposed (a dense SVD of every attention
+    projection would cost ``out x in`` work per pair). The dense SVD is used where ``rank``
+    exceeds ``min(out, in)``, which needs a full set of right vectors."""
+    out_dim, in_dim = m.shape[-2:]
+    if rank > min(out_dim, in_dim) or left.shape[-1] >= min(out_dim, in_dim):
         return np.linalg.svd(m, full_matrices=rank > min(out_dim, in_dim))
     q_left, r_left = np.linalg.qr(left)
-    q_right, r_right = np.linalg.qr(right.T)
-    u, s, vt = np.linalg.svd(r_left @ r_right.T)
-    return q_left @ u, s, vt @ q_right.T
+    q_right, r_right = np.linalg.qr(np.swapaxes(right, -1, -2))
+    u, s, vt = np.linalg.svd(r_left @ np.swapaxes(r_right, -1, -2))
+    return q_left @ u, s, vt @ np.swapaxes(q_right, -1, -2)
 
 
 def _factors(m: np.ndarray, left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(B, A)`` with ``B`` ``[out, rank]``, ``A`` ``[rank, in]``, ``B A`` the best rank-``rank``
-    approximation of ``m = left @ right`` and the rows of ``A`` orthonormal (as far as ``in`` allows)."""
-    out_dim, in_dim = m.shape
+    """``(B, A)`` with ``B`` ``[..., out, rank]``, ``A`` ``[..., rank, in]``, ``B A`` the best
+    rank-``rank`` approximation of ``m = left @ right`` and the rows of ``A`` orthonormal (as
+    far as ``in`` allows)."""
+    out_dim, in_dim = m.shape[-2:]
     u, s, vt = _svd(m, left, right, rank)
-    k = min(rank, s.size)
-    b = np.zeros((out_dim, rank))
-    b[:, :k] = u[:, :k] * s[:k]
+    k = min(rank, s.shape[-1])
+    b = np.zeros((*m.shape[:-2], out_dim, rank))
+    b[..., :k] = u[..., :k] * s[..., None, :k]
     # rank > in: more rows than an orthonormal set can have; the extra rows repeat the first
     # ones (their B columns are 0, so the product is unchanged and they still get gradients).
-    a = np.resize(vt[: min(rank, in_dim)], (rank, in_dim))
+    rows = vt[..., : min(rank, in_dim), :]
+    a = np.concatenate([rows] * -(-rank // rows.shape[-2]), axis=-2)[..., :rank, :]
     return b, a
 
 
@@ -177,7 +180,8 @@ def exact_low_rank(
     -------
     :class:`LowRankResult`: for each pair ``M = sum_k w_k B_k A_k``, ``B = U_r S_r`` and
     ``A = V_r^T`` (see the module docstring), and the naive error
-    ``||M - (sum w B)(sum w A)||_F``.
+    ``||M - (sum w B)(sum w A)||_F``. Pairs of one shape and rank are computed together,
+    as one stack (a round's many small pairs cost a few calls, not a few per pair).
 
     Raises
     ------
@@ -191,8 +195,7 @@ def exact_low_rank(
     if w.size == 0 or np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"exact_low_rank: weights must be >= 0 with a positive sum, got {list(weights)}")
     w = w / w.sum()
-    tensors: dict[str, np.ndarray] = {}
-    errors: dict[str, PairError] = {}
+    stacks: dict[tuple, list[tuple[str, str, np.ndarray, np.ndarray]]] = {}  # (shapes, rank) -> pairs
     for a_name, b_name in pairs.items():
         a_list, b_list = [], []
         for index, update in enumerate(updates):
@@ -210,15 +213,27 @@ def exact_low_rank(
                                  f"{b.shape}, {a.shape}; update 0 has {b_list[0].shape}, {a_list[0].shape}")
             a_list.append(a)
             b_list.append(b)
-        product = sum(wk * (bk @ ak) for wk, ak, bk in zip(w, a_list, b_list))
-        naive = np.tensordot(w, np.stack(b_list), axes=1) @ np.tensordot(w, np.stack(a_list), axes=1)
-        errors[a_name] = PairError(float(np.sum((product - naive) ** 2)), float(np.sum(product**2)))
         r = a_list[0].shape[0] if rank is None else int(rank if isinstance(rank, int) else rank[a_name])
         if r < 1:
             raise ValueError(f"exact_low_rank: rank for {a_name!r} must be >= 1, got {r}")
-        left = np.concatenate([wk * bk for wk, bk in zip(w, b_list)], axis=1)  # M = left @ right
-        tensors[b_name], tensors[a_name] = _factors(product, left, np.concatenate(a_list, axis=0), r)
-    return LowRankResult(tensors, errors)
+        stacks.setdefault((b_list[0].shape, a_list[0].shape, r), []).append(
+            (a_name, b_name, np.stack(a_list), np.stack(b_list)))
+    tensors: dict[str, np.ndarray] = {}
+    errors: dict[str, PairError] = {}
+    for (_, _, r), members in stacks.items():
+        a_all = np.stack([a for _, _, a, _ in members])  # [pairs, sites, r, in]
+        b_all = np.stack([b for _, _, _, b in members]) * w[None, :, None, None]  # [pairs, sites, out, r], weighted
+        left = np.concatenate(list(np.moveaxis(b_all, 1, 0)), axis=-1)  # [pairs, out, sites x r]
+        right = np.concatenate(list(np.moveaxis(a_all, 1, 0)), axis=-2)  # [pairs, sites x r, in]
+        product = left @ right  # sum_k w_k B_k A_k
+        naive = b_all.sum(axis=1) @ np.einsum("k,pkri->pri", w, a_all)  # (sum w B)(sum w A)
+        naive_sq = ((product - naive) ** 2).sum(axis=(-2, -1))
+        product_sq = (product**2).sum(axis=(-2, -1))
+        b_new, a_new = _factors(product, left, right, r)
+        for index, (a_name, b_name, _, _) in enumerate(members):
+            errors[a_name] = PairError(float(naive_sq[index]), float(product_sq[index]))
+            tensors[b_name], tensors[a_name] = b_new[index], a_new[index]
+    return LowRankResult(tensors, {a: errors[a] for a in pairs})
 
 
 def pooled_error(errors: Iterable[PairError]) -> tuple[float, float]:

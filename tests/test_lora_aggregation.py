@@ -109,6 +109,25 @@ def test_rank_above_the_matrix_size_keeps_shapes_and_product() -> None:
     assert np.all(np.linalg.norm(result.tensors[DOWN], axis=1) > 0.5)  # every row of A alive
 
 
+def test_many_pairs_at_once_equal_each_pair_alone() -> None:
+    """Pairs of one shape are factorised as one stack: the same factors and errors as one call per pair,
+    for thin pairs (QR path), pairs whose sites' ranks fill the matrix (dense path) and rank > in."""
+    rng = np.random.default_rng(7)
+    shapes = {f"m{i}": shape for i, shape in enumerate([(6, 2, 5), (6, 2, 5), (6, 2, 5), (3, 2, 3), (2, 4, 3), (2, 4, 3), (8, 1, 9)])}
+    pairs = {f"{m}.lora_down": f"{m}.lora_up" for m in shapes}
+    updates = [{name: rng.normal(size=(shape[1], shape[2]) if name.endswith("down") else (shape[0], shape[1]))
+                for m, shape in shapes.items() for name in (f"{m}.lora_down", f"{m}.lora_up")} for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    together = exact_low_rank(updates, weights, pairs)
+    for a_name, b_name in pairs.items():
+        alone = exact_low_rank(updates, weights, {a_name: b_name})
+        for name in (a_name, b_name):
+            np.testing.assert_allclose(together.tensors[name], alone.tensors[name], rtol=1e-12, atol=1e-12)
+        assert together.errors[a_name].naive_sq == pytest.approx(alone.errors[a_name].naive_sq, rel=1e-12)
+        assert together.errors[a_name].product_sq == pytest.approx(alone.errors[a_name].product_sq, rel=1e-12)
+    assert list(together.errors) == list(pairs)
+
+
 def test_exact_refuses_bad_input() -> None:
     rng = np.random.default_rng(4)
     updates = site_factors(rng, 2)

@@ -70,9 +70,12 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor], pa
     """Copy ``state`` into the model's trainable tensors after checking every one."""
     check_state(model, state, partial=partial)
     params = dict(model.named_parameters())
+    names = list(state)
     with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
+        # one call for every tensor (as PyTorch's own optimisers copy): each separate copy_ lets go of
+        # the interpreter lock and waits to get it back while other sites' threads train
+        torch._foreach_copy_([params[n] for n in names],
+                             [state[n] if state[n].device == params[n].device else state[n].to(params[n].device) for n in names])
 
 
 def adapter_metadata(model: SegmentationModel, provenance: Mapping[str, Any] | None = None) -> dict[str, str]:
