@@ -280,8 +280,9 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
     # phantom federation is written here, by the simulation, never by the server). The
     # phantoms are written while the model stack is imported: both take seconds, and each
     # leaves a core idle part of the time (BENCHMARKS.md, the default demo's wall time).
+    listed = settings.site_config_list()
     with ThreadPoolExecutor(1, thread_name_prefix="pemma-phantoms") as pool:
-        written = None if settings.site_config_list() else pool.submit(
+        written = None if listed else pool.submit(
             ensure_phantom_federation, settings.resolved_federation_dir(), settings.phantom_sites,
             settings.phantom_cases, settings.seed)
         from client.client_app import make_client_app
@@ -291,7 +292,7 @@ def simulate(settings: Any, verbose: bool = False, adversaries: Mapping[str, str
         from simulation.adversary import ADVERSARY_KINDS, adversary_mod, check_adversary_sites
         from simulation.predict import write_overlay
 
-        sites = settings.site_config_list() if written is None else written.result()
+        sites = listed if written is None else written.result()
     _quiet_flower(verbose)
     settings.site_configs = ",".join(str(p) for p in sites)
     adversaries = dict(adversaries or {})

@@ -107,7 +107,7 @@ class SegmentationModel(nn.Module):
 
     # A site reaches named_parameters a dozen times a round (loading the global tensors, its
     # optimiser, every training step, its reply), and nn.Module walks every module each time
-    # (682 in the tiny PEMMA model): Python work that holds the interpreter lock while the
+    # (hundreds, with peft's layers): Python work that holds the interpreter lock while the
     # other sites' threads train (BENCHMARKS.md, the default demo's wall time). Once a model's
     # modules are all in place (:meth:`seal`), the list is walked once and kept; moving the
     # model (``Module._apply``, which may swap parameters for new ones) drops it.
