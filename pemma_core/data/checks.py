@@ -298,6 +298,16 @@ def _case_stamp(case: Case) -> list[Any]:
     return [case.case_id, case.split] + [file_stamp(getattr(case, role)) for role in ("ct", "pet", "label")]
 
 
+def _read_checks(store: Path) -> tuple[CaseProblem, ...]:
+    return tuple(
+        CaseProblem(p["case_id"], None if p["file"] is None else Path(p["file"]), p["problem"], p["severity"])
+        for p in json.loads(store.read_text())
+    )
+
+
+_STORED_CHECKS: FileMemo[tuple[CaseProblem, ...]] = FileMemo(size=4096)  # a site's cases are checked every round
+
+
 def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
     """:func:`inspect_case`, remembered in the cache folder until a file or the config changes; DICOM
     sources are converted into ``cfg.cache_dir/converted`` on the way (:func:`inspect_case` ``convert``)."""
@@ -317,16 +327,6 @@ def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
     except OSError:
         pass  # a read-only cache only costs time
     return problems
-
-
-def _read_checks(store: Path) -> tuple[CaseProblem, ...]:
-    return tuple(
-        CaseProblem(p["case_id"], None if p["file"] is None else Path(p["file"]), p["problem"], p["severity"])
-        for p in json.loads(store.read_text())
-    )
-
-
-_STORED_CHECKS: FileMemo[tuple[CaseProblem, ...]] = FileMemo(size=4096)  # a site's cases are checked every round
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
