@@ -18,6 +18,7 @@ follows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -116,28 +117,30 @@ def plan_dp(
     _whole("n-patients", n_patients, 1)
     _whole("planned-steps", planned_steps, 1)
     sample_rate = min(1.0, batch_size / n_patients)
-    with _quiet_accountant():
-        try:
-            sigma = get_noise_multiplier(
-                target_epsilon=float(target_epsilon),
-                target_delta=float(delta),
-                sample_rate=sample_rate,
-                steps=planned_steps,
-                accountant="rdp",
-            )
-        except ValueError as exc:  # Opacus: "The privacy budget is too low."
-            raise ValueError(
-                f"dp-target-epsilon {target_epsilon} cannot be reached at dp-delta {delta} over "
-                f"{planned_steps} steps at sample rate {sample_rate:g}: {exc}"
-            ) from None
     return DpPlan(
         target_epsilon=float(target_epsilon),
         delta=float(delta),
         clip=float(clip),
         sample_rate=sample_rate,
-        noise_multiplier=float(sigma),
+        noise_multiplier=_noise_multiplier(float(target_epsilon), float(delta), sample_rate, planned_steps),
         planned_steps=planned_steps,
     )
+
+
+# Calibration and accounting are pure and cost seconds (a bisection over RDP orders): a site asks
+# for the same plan every round and the same epsilon several times a round, so each is computed
+# once per process. A few dozen entries: a process serves a handful of sites and runs.
+@functools.lru_cache(maxsize=64)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, planned_steps: int) -> float:
+    with _quiet_accountant():
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=planned_steps, accountant="rdp"))
+        except ValueError as exc:  # Opacus: "The privacy budget is too low."
+            raise ValueError(
+                f"dp-target-epsilon {target_epsilon} cannot be reached at dp-delta {delta} over "
+                f"{planned_steps} steps at sample rate {sample_rate:g}: {exc}"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -157,10 +160,15 @@ def epsilon_spent(plan: DpPlan, steps: int) -> float:
         return 0.0
     if plan.noise_multiplier == 0:  # no noise, no privacy (and no RDP order to report)
         return math.inf
+    return _rdp_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     accountant = RDPAccountant()
-    accountant.history = [(plan.noise_multiplier, plan.sample_rate, steps)]
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
     with _quiet_accountant():
-        return float(accountant.get_epsilon(delta=plan.delta))
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def steps_within_budget(plan: DpPlan, steps_taken: int, steps_wanted: int) -> int:

@@ -95,6 +95,29 @@ def test_steps_within_budget_stops_exactly_where_the_target_would_be_exceeded():
         steps_within_budget(plan, -1, 3)
 
 
+def test_a_budget_is_calibrated_and_accounted_once_per_process(monkeypatch):
+    """Opacus' calibration is a bisection over RDP orders (seconds per call on a 2-core machine);
+    a site asks for the same plan every round, and the same epsilon several times a round."""
+    calibrations, accountings = [], []
+    calibrate, account = privacy.get_noise_multiplier, privacy.RDPAccountant.get_epsilon
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calibrations.append(kw) or calibrate(**kw))
+    monkeypatch.setattr(privacy.RDPAccountant, "get_epsilon",
+                        lambda self, **kw: accountings.append(kw) or account(self, **kw))
+    args = (5.0, 1e-5, 1.0, 2, 17, 3)  # a budget no other test plans: nothing memoised yet
+    first = plan_dp(*args)
+    assert plan_dp(*args) == first and len(calibrations) == 1
+    assert plan_dp(5.0, 1e-5, 0.5, 2, 17, 3).noise_multiplier == first.noise_multiplier  # the clip scales the noise only
+    assert len(calibrations) == 1
+    assert plan_dp(5.0, 1e-5, 1.0, 2, 18, 3).noise_multiplier != first.noise_multiplier
+    assert len(calibrations) == 2
+    accountings.clear()  # the calibration asks the accountant too
+    spent = epsilon_spent(first, 2)
+    assert epsilon_spent(dataclasses.replace(first, clip=3.0), 2) == spent and len(accountings) == 1
+    assert epsilon_spent(first, 3) > spent and len(accountings) == 2
+    with pytest.raises(ValueError, match="dp-clip"):  # the arguments are still checked on every call
+        plan_dp(5.0, 1e-5, -1.0, 2, 17, 3)
+
+
 # --------------------------------------------------------------------------- ledger
 
 
