@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -122,6 +124,54 @@ def test_rejections_and_failures_leave_the_round_going(global_state: dict[str, n
     assert sites["site-broken"].status == "failed" and sites["site-broken"].reason == "RuntimeError: disk full"
     # the failed site is sent nothing more in this phase; the others are
     assert sorted(m.metadata.dst_node_id for m in begin_round(strategy, 5, server_round=2)) == [1, 2, 3, 4]
+
+
+def _with_array(msg: Message, name: str, array: Array) -> Message:
+    msg.content["arrays"][name] = array
+    return msg
+
+
+def test_a_tensor_whose_bytes_do_not_decode_is_refused_and_the_round_goes_on(global_state: dict[str, np.ndarray]) -> None:
+    """The bytes of an Array are the site's: a header numpy cannot read, an object dtype (which only
+    pickle could load), data shorter than its header says or another serialisation type is a
+    rejected reply naming the tensor, never a crashed round."""
+    good = {"lora": global_state["lora"] + 1.0}
+    honest = Array(global_state["lora"]).data
+    header_end = honest.index(b"\n") + 1
+    pickled = honest[:header_end].replace(b"'<f4'", b"'|O' ").ljust(header_end)  # same header length
+    bad = {
+        "site-garbage": Array("float32", (4, 3), "numpy.ndarray", b"\x93NUMPY garbage"),
+        "site-object": Array("float32", (4, 3), "numpy.ndarray", pickled + honest[header_end:]),
+        "site-short": Array("float32", (4, 3), "numpy.ndarray", honest[:-8]),
+        "site-stype": Array("float32", (4, 3), "torch.Tensor", honest),
+    }
+    names = ("site-a", "site-b", *bad)
+    strategy = make_strategy(global_state, *names, min_sites=2)
+    replies = [reply(1, "site-a", good, {"shared": 2}), reply(2, "site-b", good, {"shared": 2})]
+    replies += [_with_array(reply(n, name, good, {"shared": 2}), "lora", array)
+                for n, (name, array) in enumerate(bad.items(), start=3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["lora"].numpy(), global_state["lora"] + 1.0)
+    sites = sites_of(strategy)
+    assert sites["site-a"].status == sites["site-b"].status == "ok"
+    for name in bad:
+        assert sites[name].status == "rejected" and "tensor 'lora'" in sites[name].reason, (name, sites[name].reason)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int8", "uint32", "int64", "bool", ">f4"])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (4, 3), (2, 3, 4)])
+def test_arrays_travel_as_flowers_own_bytes_and_read_back_as_numpy_reads_them(dtype: str, shape: tuple) -> None:
+    """records.to_array / to_numpy keep numpy's headers per form (speed); the bytes and arrays are Flower's."""
+    from server.records import to_array, to_numpy
+
+    value = (np.arange(math.prod(shape)) % 7 - 3).reshape(shape).astype(dtype)
+    assert to_array(value).data == Array(value).data
+    for form in (value, np.asfortranarray(value), value.T, value[..., ::2] if value.ndim else value):
+        flowers = Array(np.asarray(form))
+        for decoded in (to_numpy(to_array(form)), to_numpy(flowers)):
+            assert decoded.dtype == flowers.numpy().dtype and decoded.shape == np.shape(form)
+            np.testing.assert_array_equal(decoded, flowers.numpy())
+            assert decoded.flags.writeable
 
 
 def test_min_sites_is_honoured(global_state: dict[str, np.ndarray]) -> None:
