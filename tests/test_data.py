@@ -356,6 +356,31 @@ def test_train_crops_exact_size_tumour_biased_and_seeded(phantom_federation: Fed
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
+def test_a_round_stats_each_case_file_once_to_find_its_stored_checks(
+        phantom_federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site lists its cases every round; each stat lets go of the interpreter lock, which a site's
+    thread then waits for while the other sites' threads train. Once the checks are stored: one stat
+    per case file and one for its stored checks (a changed file is still seen: its stamp changes)."""
+    import os
+
+    cfg = private_cfg(phantom_federation.site_yamls[2], tmp_path)
+    cases, _ = site_cases(cfg, "train")
+    files = sum(1 for c in cases for role in ("ct", "pet", "label") if getattr(c, role) is not None)
+    seen: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        seen.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)  # pathlib's too
+    again, _ = site_cases(cfg, "train")
+    assert again == cases
+    case_files = {str(getattr(c, role)) for c in cases for role in ("ct", "pet", "label") if getattr(c, role) is not None}
+    assert sum(p in case_files for p in seen) == files
+    assert sum("/checks/" in p for p in seen) == len(cases)
+
+
 def test_eval_volumes_on_the_reference_grid(phantom_federation: Federation, tmp_path: Path) -> None:
     cfg = private_cfg(phantom_federation.site_yamls[1], tmp_path)
     batches = list(eval_loader(cfg, split="test"))

@@ -315,11 +315,10 @@ def cached_inspect(case: Case, cfg: SiteConfig) -> list[CaseProblem]:
                            list(cfg.dicom_series), _case_stamp(case)], default=str)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     store = cfg.cache_dir / "checks" / f"{key}.json"
-    if store.is_file():
-        try:
-            return list(_STORED_CHECKS.get(store, [store], lambda: _read_checks(store)))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged entry is simply recomputed
+    try:  # (a missing entry raises OSError too)
+        return list(_STORED_CHECKS.get(store, [store], lambda: _read_checks(store)))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a damaged entry is simply recomputed
     problems = inspect_case(case, cfg, convert=True)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)

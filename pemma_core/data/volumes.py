@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import zlib
 from collections.abc import Sequence
@@ -220,15 +221,18 @@ def source_stamp(path: Path | None) -> list[Any]:
     the name, size and modification time of each file in it."""
     if path is None:
         return [None]
+    # One stat per file: a site stamps every case file each round, and each stat lets go of the
+    # interpreter lock, which its thread then waits for while other sites' threads train.
     path = Path(path)
     try:
-        if path.is_dir():
-            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            return [str(path), "folder", [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in entries]]
-        stat = path.stat()
+        found = path.stat()
+        if stat.S_ISDIR(found.st_mode):
+            with os.scandir(path) as listing:
+                files = sorted((e.name, e.stat()) for e in listing if not e.name.startswith(".") and e.is_file())
+            return [str(path), "folder", [[name, st.st_size, st.st_mtime_ns] for name, st in files]]
     except OSError:
         return [str(path), "absent"]
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+    return [str(path), found.st_size, found.st_mtime_ns]
 
 
 def _case_folder(cache_dir: Path, case_id: str | None, path: Path) -> Path:
