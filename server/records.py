@@ -91,6 +91,8 @@ def to_numpy(array: Array) -> np.ndarray:
     shape, fortran, dtype = (_read_kept_header if size <= _HEADER_KEPT_BYTES else _read_header)(header)
     if dtype.hasobject:
         raise ValueError(f"an array of dtype {dtype} (only pickle could load it)")
+    if any(n < 0 for n in shape):  # (np.frombuffer would read a count of -1 as "all the data")
+        raise ValueError(f"negative dimensions are not allowed: shape {shape}")
     values = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=size)
     return values.reshape(shape, order="F" if fortran else "C").copy()
 

@@ -139,10 +139,12 @@ def test_a_tensor_whose_bytes_do_not_decode_is_refused_and_the_round_goes_on(glo
     honest = Array(global_state["lora"]).data
     header_end = honest.index(b"\n") + 1
     pickled = honest[:header_end].replace(b"'<f4'", b"'|O' ").ljust(header_end)  # same header length
+    negative = honest[:header_end].replace(b"(4, 3)", b"(-1, 3)").ljust(header_end)
     bad = {
         "site-garbage": Array("float32", (4, 3), "numpy.ndarray", b"\x93NUMPY garbage"),
         "site-object": Array("float32", (4, 3), "numpy.ndarray", pickled + honest[header_end:]),
         "site-short": Array("float32", (4, 3), "numpy.ndarray", honest[:-8]),
+        "site-negative": Array("float32", (4, 3), "numpy.ndarray", negative[:header_end - 1] + b"\n" + honest[header_end:]),
         "site-stype": Array("float32", (4, 3), "torch.Tensor", honest),
     }
     names = ("site-a", "site-b", *bad)
