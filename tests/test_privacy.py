@@ -98,12 +98,14 @@ def test_steps_within_budget_stops_exactly_where_the_target_would_be_exceeded():
 def test_a_budget_is_calibrated_and_accounted_once_per_process(monkeypatch):
     """Opacus' calibration is a bisection over RDP orders (seconds per call on a 2-core machine);
     a site asks for the same plan every round, and the same epsilon several times a round."""
+    privacy._noise_multiplier.cache_clear()  # whatever other tests planned in this process
+    privacy._rdp_epsilon.cache_clear()
     calibrations, accountings = [], []
     calibrate, account = privacy.get_noise_multiplier, privacy.RDPAccountant.get_epsilon
     monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calibrations.append(kw) or calibrate(**kw))
     monkeypatch.setattr(privacy.RDPAccountant, "get_epsilon",
                         lambda self, **kw: accountings.append(kw) or account(self, **kw))
-    args = (5.0, 1e-5, 1.0, 2, 17, 3)  # a budget no other test plans: nothing memoised yet
+    args = (5.0, 1e-5, 1.0, 2, 17, 3)
     first = plan_dp(*args)
     assert plan_dp(*args) == first and len(calibrations) == 1
     assert plan_dp(5.0, 1e-5, 0.5, 2, 17, 3).noise_multiplier == first.noise_multiplier  # the clip scales the noise only
