@@ -1,17 +1,49 @@
-"""Shared fixtures: a tiny synthetic federation and the real IBSI data folder."""
+"""Shared fixtures: a tiny synthetic federation and the real IBSI data folder; how the suite
+shares 2 cores between two pytest-xdist workers (pyproject.toml: ``-n 2``)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Callable
-from pathlib import Path
 
-import pytest
+# Two workers, each running torch, on 2 cores: one intra-op thread per process (and per process a
+# test starts), else the workers' threads contend and the suite runs slower than one worker.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pemma_core.phantoms.writer import Federation, make_federation
+import shutil  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pemma_core.phantoms.writer import Federation, make_federation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests that start federations of processes and wait on them with timeouts (a TLS deployment,
+# Flower's Ray engine, `pemma simulate` stopped by a signal): run one at a time, on one worker,
+# so that at most one such federation shares the machine with the other worker's tests.
+PROCESS_FEDERATIONS = frozenset({"test_deployment.py", "test_simulation_simulate.py", "test_run_dir.py"})
+COSTLIEST_FIRST = (*PROCESS_FEDERATIONS, "test_bench.py")  # so that neither worker ends with one alone
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Each test file goes whole to one worker (a module-scoped fixture is built once), and so do all
+    :data:`PROCESS_FEDERATIONS` together. (xdist's ``loadgroup`` marks cannot do it under pytest 9.2,
+    whose test ids xdist can no longer suffix with the group.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "process-federations" if Path(file).name in PROCESS_FEDERATIONS else file
+
+    return FileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The costliest files first (stable: file and test order kept otherwise); the workers' schedule
+    follows this order."""
+    items.sort(key=lambda item: item.path.name not in COSTLIEST_FIRST)
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def run_one(mutation: Mutation, timeout: float) -> tuple[str, float]:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1"}
         # `python -m pytest` from the copy: the copy's packages come first on sys.path,
         # ahead of the editable install of the checkout.
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
+        cmd = [sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
         try:
             result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
