@@ -342,11 +342,12 @@ class PrivateSteps:
         from pemma_core.privacy import plan_dp, steps_within_budget
 
         dp = dict(instruction.dp or {})
-        self.plan = plan_dp(float(dp["target_epsilon"]), float(dp["delta"]), float(dp["clip"]),
-                            int(instruction.batch_size), n_patients, int(dp["planned_steps"]))
         self.ledger = privacy_ledger(site)
         # One budget per site and run: sites may share a cache folder, a run folder may be reused.
         self.key = f"{instruction.run or ''}:{site.name}:{instruction.fingerprint}"
+        self.plan = plan_dp(float(dp["target_epsilon"]), float(dp["delta"]), float(dp["clip"]),
+                            int(instruction.batch_size), n_patients, int(dp["planned_steps"]),
+                            recorded=self.ledger.plan(self.key))
         taken = self.ledger.steps_taken(self.key)
         self.steps = steps_within_budget(self.plan, taken, int(instruction.local_steps))
         self.stopped = ""

@@ -98,14 +98,18 @@ class DpPlan:
 
 
 def plan_dp(
-    target_epsilon: float, delta: float, clip: float, batch_size: int, n_patients: int, planned_steps: int
+    target_epsilon: float, delta: float, clip: float, batch_size: int, n_patients: int, planned_steps: int,
+    recorded: DpPlan | None = None,
 ) -> DpPlan:
     """The plan whose noise lets ``planned_steps`` steps, each drawing patients at rate
     ``batch_size / n_patients`` (at most 1), spend at most ``target_epsilon`` at ``delta``.
 
     The noise multiplier is Opacus' RDP calibration (``get_noise_multiplier``), which stops
-    within its tolerance below the target. Raises ``ValueError`` naming the field for a
-    bad argument, or the target when no noise level reaches it.
+    within its tolerance below the target. ``recorded`` (a site's ledger: the plan of an earlier
+    round of the run) is returned instead when it is the plan of these arguments and its noise
+    still keeps ``planned_steps`` within the target: a deployed site answers each message in a
+    fresh process, where calibrating again would cost seconds every round. Raises ``ValueError``
+    naming the field for a bad argument, or the target when no noise level reaches it.
     """
     if _number("dp-target-epsilon", target_epsilon) <= 0:
         raise ValueError(f"dp-target-epsilon must be > 0, got {target_epsilon}")
@@ -117,6 +121,12 @@ def plan_dp(
     _whole("n-patients", n_patients, 1)
     _whole("planned-steps", planned_steps, 1)
     sample_rate = min(1.0, batch_size / n_patients)
+    asked = (float(target_epsilon), float(delta), float(clip), sample_rate, planned_steps)
+    if recorded is not None and (recorded.target_epsilon, recorded.delta, recorded.clip, recorded.sample_rate,
+                                 recorded.planned_steps) == asked:
+        # One accounting (milliseconds), not a calibration: an edited ledger cannot lower the noise.
+        if epsilon_spent(recorded, planned_steps) <= target_epsilon:
+            return recorded
     return DpPlan(
         target_epsilon=float(target_epsilon),
         delta=float(delta),

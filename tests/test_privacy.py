@@ -120,6 +120,44 @@ def test_a_budget_is_calibrated_and_accounted_once_per_process(monkeypatch):
         plan_dp(5.0, 1e-5, -1.0, 2, 17, 3)
 
 
+def test_a_recorded_plan_is_used_again_unless_it_is_another_budget_or_too_little_noise(monkeypatch):
+    """A deployed site answers each round's train message in a fresh process: the plan its ledger
+    recorded in an earlier round of the run is used again, not calibrated again (seconds a round)."""
+    args = (5.0, 1e-5, 1.0, 2, 17, 3)
+    first = plan_dp(*args)
+    privacy._noise_multiplier.cache_clear()  # as in a fresh process
+    calibrations = []
+    calibrate = privacy.get_noise_multiplier
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calibrations.append(kw) or calibrate(**kw))
+    assert plan_dp(*args, recorded=first) is first and calibrations == []
+    other = plan_dp(5.0, 1e-5, 1.0, 2, 18, 3, recorded=first)  # another cohort size: another sample rate
+    assert other.sample_rate == 2 / 18 and len(calibrations) == 1
+    weaker = dataclasses.replace(first, noise_multiplier=first.noise_multiplier / 2)  # an edited ledger
+    assert plan_dp(*args, recorded=weaker) == first and len(calibrations) == 2
+
+
+def test_a_sites_second_round_plans_from_its_ledger(phantom_federation: Federation, tmp_path: Path, monkeypatch):
+    from client.task import PrivateSteps
+    from pemma_core.model.spec import ModelSpec
+    from pemma_core.protocol import Instruction
+
+    site = dataclasses.replace(load_site_config(phantom_federation.site_yamls[1]), cache_dir=tmp_path / "cache")
+    instruction = Instruction(local_steps=2, lr=0.01, batch_size=2, seed=0, spec=ModelSpec(preset="tiny"),
+                              fingerprint="f" * 64, phase="adapt", round=1, run="run-1",
+                              dp={"target_epsilon": 4.0, "delta": 1e-5, "clip": 1.0, "planned_steps": 6})
+    privacy._noise_multiplier.cache_clear()
+    calibrations = []
+    calibrate = privacy.get_noise_multiplier
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calibrations.append(kw) or calibrate(**kw))
+    first = PrivateSteps(site, instruction, n_patients=3)
+    first.record(2)
+    privacy._noise_multiplier.cache_clear()  # round 2: a fresh ClientApp process on a deployed SuperNode
+    second = PrivateSteps(site, dataclasses.replace(instruction, round=2), n_patients=3)
+    assert second.plan == first.plan and len(calibrations) == 1
+    second.record(2)
+    assert second.epsilon() == pytest.approx(epsilon_spent(first.plan, 4))
+
+
 # --------------------------------------------------------------------------- ledger
 
 
