@@ -101,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the stopped run in --out, given the same options: its finished rows are kept, "
                              "its CT backbone reloaded, only what is missing runs (without it an existing run is refused)")
     parser.add_argument("--report-only", type=Path, metavar="RUN",
-                        help="rewrite the markdown of a finished run from its bench.json (RUN: the output folder or "
-                             "the JSON file; plots in plots/ beside it); runs nothing")
+                        help="rewrite the markdown of a run from its bench.json (RUN: the output folder or the JSON file; "
+                             "plots in plots/ beside it); runs nothing. A stopped run's report shows what it "
+                             "reached and says what it lacks")
     parser.add_argument("--report-to", type=Path, metavar="MD",
                         help="with --report-only: write the markdown here (plot links made relative to it)")
 
@@ -122,16 +123,19 @@ def check_device(device: str) -> str | None:
 
 
 def rewrite_report(run_path: Path, report_to: Path | None = None) -> int:
-    """``--report-only``: the markdown again from a finished run's bench.json (same numbers)."""
+    """``--report-only``: the markdown again from a run's bench.json (same numbers). A finished run's
+    JSON gets the targets and the date of the rewrite; an unfinished one is only read (``--resume``
+    continues it as it was), and its markdown says what it lacks."""
     from benchmarks.report import write_markdown
-    from benchmarks.result_json import read_finished, write_json
+    from benchmarks.result_json import read_result, write_json
     from benchmarks.targets import targets
 
     source = run_path / "bench.json" if run_path.is_dir() else run_path
-    results = read_finished(source)  # an unfinished or foreign JSON: ValueError, exit status 1
+    results = read_result(source)  # missing or foreign: ValueError, exit status 1
     results["targets"] = targets(results)
-    results["report_rewritten"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json(source, results)
+    if results.get("complete"):
+        results["report_rewritten"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(source, results)
     target = (report_to or source.parent / "BENCHMARKS.md").expanduser().resolve()
     plots = Path(os.path.relpath(source.parent / "plots", target.parent))
     json_link = Path(os.path.relpath(source, target.parent)).as_posix()

@@ -62,13 +62,19 @@ def _header(results: Mapping[str, Any], plots_link: str, json_link: str) -> list
     lines: list[str] = ["# pemma benchmarks", ""]
     lines += [
         f"Written by `{results.get('command') or 'pemma bench'}` ({config['mode']} run) on {env['started']}; "
-        f"{results['wall_seconds'] / 60:.1f} min wall time. Every number below comes from that run "
+        f"{results.get('wall_seconds', 0.0) / 60:.1f} min wall time. Every number below comes from that run "
         f"(`{json_link}` holds all of them); nothing is typed by hand."
         + (f" Text regenerated from that `bench.json` on {results['report_rewritten']} (`pemma bench --report-only`)."
            if results.get("report_rewritten") else "")
         + f" Plots: `{plots_link}/`.",
         "",
     ]
+    if not results.get("complete"):
+        done = "; ".join(f"{name}: {', '.join(r['row'] for r in entry.get('rows', [])) or 'none'}"
+                         for name, entry in results.get("backbones", {}).items()) or "none"
+        lines += ["> **Unfinished run**: it stopped before its end, so the sections below hold only what it reached "
+                  f"(rows done: {done}; CNN row {'done' if results.get('cnn') else 'not run'}). "
+                  "`pemma bench --resume` with the same options continues it.", ""]
     if config["mode"] == "quick":
         lines += ["> **Quick run**: a handful of steps per row and the first "
                   f"{len(results['data']['test_cases'])} test cases only. The Dice values show that the machinery "

@@ -1,4 +1,4 @@
-"""``bench.json``: writing it, reading a finished run back, and finding rows in it.
+"""``bench.json``: writing it, reading a run back, and finding rows in it.
 
 The result dictionary holds ``backbones -> name -> {"rows": [...], "speed", ...}``, the
 CNN row under ``cnn``, the data checks under ``data``; a row holds ``dice`` (mode -> mean)
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "all_rows", "read_finished", "read_resumable", "row_dice", "row_per_case", "rows_by_id", "write_json"]
+__all__ = ["FORMAT", "all_rows", "read_finished", "read_result", "read_resumable", "row_dice", "row_per_case", "rows_by_id", "write_json"]
 
 FORMAT = "pemma-bench/1"
 
@@ -39,11 +39,23 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_finished(source: Path) -> dict[str, Any]:
-    """The results of a finished run; ValueError when ``source`` is missing or unfinished."""
+def read_result(source: Path) -> dict[str, Any]:
+    """A bench run's results, finished or not; ValueError when ``source`` is missing, not JSON or not
+    a pemma bench result."""
     if not source.is_file():
         raise ValueError(f"{source} does not exist")
-    results = json.loads(source.read_text(encoding="utf-8"))
+    try:
+        results = json.loads(source.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{source} is not JSON ({exc})") from None
+    if not isinstance(results, dict) or results.get("format") != FORMAT:
+        raise ValueError(f"{source} is not a pemma bench result ({FORMAT})")
+    return results
+
+
+def read_finished(source: Path) -> dict[str, Any]:
+    """The results of a finished run; ValueError when ``source`` is missing, foreign or unfinished."""
+    results = read_result(source)
     if not results.get("complete"):
         raise ValueError(f"{source} is from a run that did not finish")
     return results
@@ -59,11 +71,9 @@ def read_resumable(source: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     if not source.is_file():
         raise ValueError(f"--resume: {source} does not exist: there is no run to continue")
     try:
-        results = json.loads(source.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--resume: {source} is not JSON ({exc})") from exc
-    if not isinstance(results, dict) or results.get("format") != FORMAT:
-        raise ValueError(f"--resume: {source} is not a pemma bench result ({FORMAT})")
+        results = read_result(source)
+    except ValueError as exc:
+        raise ValueError(f"--resume: {exc}") from None
     if results.get("complete"):
         raise ValueError(f"--resume: {source} is a finished run: nothing to continue (--report-only rewrites its markdown)")
     before, now = results.get("config", {}), json.loads(json.dumps(config, default=_json_default))

@@ -94,6 +94,43 @@ def test_resume_runs_only_what_a_stopped_run_lacks(bench_run, ibsi_root, tmp_pat
     assert resumed["backbones"]["unetr"]["speed"] == finished["backbones"]["unetr"]["speed"] and resumed["targets"]
 
 
+def test_report_only_rewrites_a_finished_run_and_shows_a_stopped_one_without_touching_it(bench_run, tmp_path, capsys):
+    out, finished = bench_run
+    table = lambda text: [line for line in text.splitlines() if line.startswith("| unetr ")]  # noqa: E731
+    written = (out / "BENCHMARKS.md").read_text()
+    assert table(written)
+    again = tmp_path / "finished"
+    shutil.copytree(out, again)
+    assert main(["bench", "--report-only", str(again)]) == 0
+    assert table((again / "BENCHMARKS.md").read_text()) == table(written)  # the same numbers
+    assert json.loads((again / "bench.json").read_text())["report_rewritten"]
+    assert "Unfinished run" not in (again / "BENCHMARKS.md").read_text()
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(out, stopped)
+    partial = json.loads(json.dumps(finished))
+    partial["backbones"]["unetr"]["rows"] = partial["backbones"]["unetr"]["rows"][:3]
+    for key in ("cnn", "targets", "plots"):
+        partial.pop(key, None)
+    partial["complete"] = False
+    (stopped / "bench.json").write_text(json.dumps(partial))
+    raw = (stopped / "bench.json").read_bytes()
+    report = tmp_path / "stopped.md"
+    assert main(["bench", "--report-only", str(stopped / "bench.json"), "--report-to", str(report)]) == 0
+    assert (stopped / "bench.json").read_bytes() == raw  # only read: --resume continues it as it was
+    text = report.read_text()
+    assert "**Unfinished run**" in text and "rows done: unetr: ct-backbone, ct-only, pet-only; CNN row not run" in text
+    rows_of = lambda text, labels: [line for line in table(text) if any(f"| unetr | {label} |" in line  # noqa: E731
+                                                                      for label in labels)]
+    done = ("CT backbone (before adaptation)", "CT-only", "PET-only")
+    assert rows_of(text, done) == rows_of(written, done) and rows_of(text, done)
+    assert not rows_of(text, ("Early fusion (full FT)", "PEMMA-LoRA centralized"))
+
+    (tmp_path / "cut.json").write_text('{"format": ')
+    assert main(["bench", "--report-only", str(tmp_path / "cut.json")]) == 1
+    assert "cut.json is not JSON" in capsys.readouterr().err
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
