@@ -22,12 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests that start federations of processes and wait on them with timeouts (a TLS deployment,
 # Flower's Ray engine, `pemma simulate` stopped by a signal): run one at a time, on one worker,
 # so that at most one such federation shares the machine with the other worker's tests.
-PROCESS_FEDERATIONS = frozenset({"test_deployment.py", "test_simulation_simulate.py", "test_run_dir.py"})
-# Files in the order the workers take them, longest first (about 500, 350, 250 s...: a worker that
-# takes a long file last finishes alone); the other files follow in file order.
-COSTLIEST_FIRST = ("test_deployment.py", "test_simulation_simulate.py", "test_run_dir.py", "test_bench.py",
-                   "test_simulation_federation.py", "test_secure_federation.py", "test_model.py", "test_predict.py",
-                   "test_dicom.py", "test_memory_option.py", "test_privacy.py")
+PROCESS_FEDERATIONS = ("test_deployment.py", "test_simulation_simulate.py", "test_run_dir.py")
+# Files in the order the workers take them, longest first (a worker that takes a long file last
+# finishes alone; `--durations` shows the costs); the other files follow in file order.
+COSTLIEST_FIRST = (*PROCESS_FEDERATIONS, "test_bench.py", "test_simulation_federation.py", "test_secure_federation.py",
+                   "test_model.py", "test_predict.py", "test_dicom.py", "test_memory_option.py", "test_privacy.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):

@@ -73,9 +73,9 @@ RUN_CONFIG = {
     "min-sites": 2,  # the round completes without the hospital that vanishes in it
     # The longest a stage waits for a reply. A train message starts a fresh ClientApp process
     # (imports, model, data, a DP plan and step), three at once on 2 cores beside the other test
-    # worker (tests/conftest.py): 90 s let live sites time out on a loaded CI machine, and the whole
-    # round took 183 s beside the other worker. A longer timeout costs nothing when all is well: the
-    # stages after the victim's death end once the SuperLink, missing its heartbeats, answers for it.
+    # worker (tests/conftest.py): 90 s let live sites time out on a loaded CI machine. A longer
+    # timeout costs nothing when all is well: the stages after the victim's death end once the
+    # SuperLink, missing its heartbeats, answers for it.
     "round-timeout": 360.0,
     "evaluate": False,
     "prognosis-rounds": 0,  # the prognosis phase is covered in-process (test_simulation_federation.py)
