@@ -281,9 +281,8 @@ def train_loader(
     if len(roi) != 3 or min(roi) < 1:
         raise ValueError(f"roi_size must be 3 positive integers, got {roi_size!r}")
     cases = _usable_or_raise(cfg, split, need_label=True)
-    augment = train_transform(roi)  # type: ignore[arg-type]
-    augment.set_random_state(seed=seed)
-    dataset = Dataset(cached_dataset(cfg, cases, with_label=True), transform=augment)
+    # monai.data.DataLoader seeds the transforms from ``generator`` (and each worker's from it)
+    dataset = Dataset(cached_dataset(cfg, cases, with_label=True), transform=train_transform(roi))  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=batch_size,
