@@ -6,7 +6,7 @@ file is missing, as `pemma bench --budget long` does), then each variant at each
     lora         PEMMA-LoRA as it is (the pet LoRA on attention qkv + out_proj)
     pet-mlp      the pet LoRA also on the transformer MLPs (the shared LoRA unchanged)
     pet-decoder  the pet LoRA also on the 3x3x3 convs of decoder5..3 (peft Conv3d LoRA)
-    pet-all-2x   both of the above, and the pet and fusion groups at twice the adapt rate
+    pet-all-2x   the pet LoRA on the MLPs and decoder5..3, and the pet and fusion groups at twice the adapt rate
 Only the pet adapter grows, so the CT mode's path is unchanged in every variant.
 Run from the repository root:
     python benchmarks/results/long-pet-capacity/capacity.py --out OUT --variants lora,pet-decoder,ef --seeds 0
